@@ -1,0 +1,257 @@
+"""`RingBuffer`: the bounded, thread-safe queue between producers and the writer.
+
+Rows sit in one deque; beside it a deque of *marks* `[t_submit, count]`, one
+per `put_many`, carries the submit time of each group so the writer can
+measure per-value end-to-end latency without storing a time per value.
+One mutex is shared by both Conditions (as in `queue.Queue`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from tagwriter.clock import SYSTEM_CLOCK, Clock
+from tagwriter.models import TagValue
+
+log = logging.getLogger(__name__)
+
+
+class OverflowPolicy(StrEnum):
+    DROP_OLDEST = "drop-oldest"
+    SPILL = "spill"
+    BLOCK = "block"
+
+
+@dataclass(slots=True)
+class Batch:
+    """Rows taken out of the buffer together, oldest first.
+
+    `marks` holds `(t_submit, count)` pairs covering `rows` in order.
+    """
+
+    rows: list[TagValue] = field(default_factory=list)
+    marks: list[tuple[float, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def oldest_submit(self) -> float | None:
+        return self.marks[0][0] if self.marks else None
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """What happened to the rows of one `put_many`.
+
+    `evicted` are older rows pushed out to make room (returned only under the
+    `spill` policy: the caller must spool them); `dropped` counts values lost
+    (evicted under `drop-oldest`, timed out under `block`).
+    """
+
+    accepted: int
+    dropped: int = 0
+    evicted: list[TagValue] = field(default_factory=list)
+
+
+class RingBuffer:
+    """Bounded FIFO of `TagValue` rows with an overflow policy.
+
+    Thread-safe. `len()` is approximate, like `queue.Queue.qsize()`.
+    """
+
+    def __init__(
+        self,
+        capacity: int = 100_000,
+        policy: OverflowPolicy | str = OverflowPolicy.DROP_OLDEST,
+        *,
+        block_timeout: float = 5.0,
+        warn_interval: float = 10.0,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self.policy = OverflowPolicy(policy)
+        self.block_timeout = block_timeout
+        self.warn_interval = warn_interval
+        self._clock = clock
+        self._rows: deque[TagValue] = deque()
+        self._marks: deque[list[float]] = deque()  # [t_submit, count]
+        self._mutex = threading.Lock()
+        self.not_empty = threading.Condition(self._mutex)
+        self.not_full = threading.Condition(self._mutex)
+        self._wake = False
+        self.overflowed = 0  # evicted or dropped values, ever
+        self.blocked_puts = 0  # put_many calls that had to wait for room
+        self._unwarned = 0
+        self._last_warn = float("-inf")
+        self.warnings_logged = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    # -- producers ---------------------------------------------------------
+
+    def put_many(self, rows: Sequence[TagValue], t_submit: float | None = None) -> PutResult:
+        """Append the rows of one polling group under one lock acquisition."""
+        n = len(rows)
+        if n == 0:
+            return PutResult(0)
+        if t_submit is None:
+            t_submit = self._clock.monotonic()
+        with self._mutex:
+            if self.policy is OverflowPolicy.BLOCK:
+                result = self._put_blocking(rows, t_submit)
+            else:
+                result = self._put_evicting(rows, t_submit)
+            self.not_empty.notify()
+        if result.dropped or result.evicted:
+            self._warn_overflow(result.dropped + len(result.evicted))
+        return result
+
+    def _put_evicting(self, rows: Sequence[TagValue], t_submit: float) -> PutResult:
+        n = len(rows)
+        excess = len(self._rows) + n - self.capacity
+        evicted: list[TagValue] = []
+        if excess > 0:
+            from_buffer = min(excess, len(self._rows))
+            evicted = self._pop_front(from_buffer)
+            if excess > from_buffer:  # the group alone is larger than the buffer
+                skip = excess - from_buffer
+                evicted.extend(rows[:skip])
+                rows = rows[skip:]
+            self.overflowed += excess
+        self._append(rows, t_submit)
+        if self.policy is OverflowPolicy.SPILL:
+            return PutResult(len(rows), 0, evicted)
+        return PutResult(len(rows), len(evicted))
+
+    def _put_blocking(self, rows: Sequence[TagValue], t_submit: float) -> PutResult:
+        deadline = self._clock.monotonic() + self.block_timeout
+        accepted = 0
+        waited = False
+        while accepted < len(rows):
+            room = self.capacity - len(self._rows)
+            if room > 0:
+                take = rows[accepted : accepted + room]
+                self._append(take, t_submit)
+                accepted += len(take)
+                self.not_empty.notify()
+                continue
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0.0:
+                break
+            waited = True
+            self.not_full.wait(remaining)
+        if waited:
+            self.blocked_puts += 1
+        dropped = len(rows) - accepted
+        self.overflowed += dropped
+        return PutResult(accepted, dropped)
+
+    def _append(self, rows: Sequence[TagValue], t_submit: float) -> None:
+        if not rows:
+            return
+        self._rows.extend(rows)
+        self._marks.append([t_submit, len(rows)])
+
+    def _pop_front(self, n: int) -> list[TagValue]:
+        rows = self._rows
+        taken = [rows.popleft() for _ in range(n)]
+        self._consume_marks(n, None)
+        return taken
+
+    def _consume_marks(self, n: int, out: list[tuple[float, int]] | None) -> None:
+        marks = self._marks
+        while n > 0:
+            mark = marks[0]
+            t, count = mark[0], int(mark[1])
+            if count <= n:
+                marks.popleft()
+                take = count
+            else:
+                mark[1] = count - n
+                take = n
+            if out is not None:
+                out.append((t, take))
+            n -= take
+
+    def _warn_overflow(self, n: int) -> None:
+        """Log overflow at most once per `warn_interval`, with the count since last time."""
+        with self._mutex:
+            self._unwarned += n
+            now = self._clock.monotonic()
+            if now - self._last_warn < self.warn_interval:
+                return
+            count, self._unwarned, self._last_warn = self._unwarned, 0, now
+            self.warnings_logged += 1
+            total = self.overflowed
+        action = {
+            OverflowPolicy.DROP_OLDEST: "dropped (oldest first)",
+            OverflowPolicy.SPILL: "spilled to the spool",
+            OverflowPolicy.BLOCK: "dropped after waiting for room",
+        }[self.policy]
+        log.warning(
+            "buffer full (capacity %d): %d values %s since the last warning, %d in total",
+            self.capacity, count, action, total,
+        )
+
+    # -- the writer --------------------------------------------------------
+
+    def wait_ready(self, batch_size: int, max_age: float, timeout: float) -> int:
+        """Block until a batch is due, `wake()` is called, or `timeout` passes.
+
+        A batch is due when `batch_size` rows are pending or the oldest has
+        waited `max_age` seconds. Returns the number of pending rows.
+        """
+        clock = self._clock
+        deadline = clock.monotonic() + timeout
+        with self._mutex:
+            while True:
+                n = len(self._rows)
+                now = clock.monotonic()
+                if self._wake:
+                    self._wake = False
+                    return n
+                if n >= batch_size:
+                    return n
+                if n:
+                    age = now - self._marks[0][0]
+                    if age >= max_age:
+                        return n
+                    wait = min(max_age - age, deadline - now)
+                else:
+                    wait = deadline - now
+                if wait <= 0.0:
+                    return n
+                self.not_empty.wait(wait)
+
+    def wake(self) -> None:
+        """Make a pending or the next `wait_ready` return at once."""
+        with self._mutex:
+            self._wake = True
+            self.not_empty.notify_all()
+
+    def drain(self, max_n: int) -> Batch:
+        """Take up to `max_n` rows, oldest first; never blocks on an empty buffer."""
+        with self._mutex:
+            n = min(max_n, len(self._rows))
+            if n == 0:
+                return Batch()
+            rows = self._rows
+            batch = Batch([rows.popleft() for _ in range(n)], [])
+            self._consume_marks(n, batch.marks)
+            self.not_full.notify_all()
+            return batch
+
+    def oldest_age(self) -> float:
+        """Seconds the oldest pending row has waited (0 when empty)."""
+        with self._mutex:
+            if not self._marks:
+                return 0.0
+            return max(0.0, self._clock.monotonic() - self._marks[0][0])

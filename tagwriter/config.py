@@ -1,0 +1,444 @@
+"""The typed configuration tree: defaults < `tagwriter.toml` < `TAGWRITER_*` env < CLI flags.
+
+Each section is a dataclass; a field's `metadata` says what values are allowed,
+so loading, validation and error messages come from one description. Errors
+name the key path (`writer.batch_size = 0: must be between 1 and 10000`) or the
+file and line of a TOML syntax error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import tomli_w
+
+from tagwriter.errors import ConfigError
+
+ENV_PREFIX = "TAGWRITER_"
+# Environment variables that are not config keys (the CLI reads them itself).
+ENV_NOT_CONFIG = frozenset({"TAGWRITER_CONFIG"})
+DEFAULT_PATH = Path("tagwriter.toml")
+REDACTED = "***"
+IDENTIFIER = re.compile(r"^[A-Za-z][A-Za-z0-9_$#]{0,127}$")
+
+
+def _opt(default: Any, help: str, **rules: Any) -> Any:
+    """A config field: its default, one line of help, and validation rules."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **rules})
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass(slots=True)
+class SourceConfig:
+    kind: str = _opt("simulate", "where values come from", choices=("simulate", "jsonl", "csv"))
+    path: str = _opt("-", "input file for jsonl/csv; '-' is standard input")
+    groups: int = _opt(10, "simulate: polling groups", min=1, max=100_000)
+    tags_per_group: int = _opt(100, "simulate: tags in each group", min=1, max=100_000)
+    interval: float = _opt(1.0, "simulate: seconds between polls of a group", min=0.001, max=86_400)
+    value_shape: str = _opt(
+        "sine", "simulate: how values move", choices=("sine", "random-walk", "random", "constant")
+    )
+    quality: int = _opt(192, "simulate: quality code of good values", min=0, max=65_535)
+    bad_quality_pct: float = _opt(0.0, "simulate: percent of polls with bad quality (0)", min=0, max=100)
+    seed: int = _opt(-1, "simulate: random seed; -1 = different every run", min=-1)
+
+
+@dataclass(slots=True)
+class BufferConfig:
+    capacity: int = _opt(100_000, "values held in memory at most", min=1, max=50_000_000)
+    overflow_policy: str = _opt(
+        "drop-oldest", "when full: drop-oldest, spill (to the spool) or block",
+        choices=("drop-oldest", "spill", "block"),
+    )
+    block_timeout: float = _opt(5.0, "block: seconds a submit waits for room", min=0, max=3600)
+
+
+@dataclass(slots=True)
+class WriterConfig:
+    batch_size: int = _opt(500, "values per database transaction at most", min=1, max=10_000)
+    flush_interval: float = _opt(1.0, "seconds a value may wait for its batch to fill", min=0.001, max=3600)
+    retry_delays: list[float] = _opt(
+        [1.0, 2.0, 4.0], "seconds between retries of a failed batch", min=0, max=3600
+    )
+    probe_interval: float = _opt(1.0, "outage: first seconds between database probes", min=0.01, max=3600)
+    probe_max_interval: float = _opt(30.0, "outage: probe backoff cap in seconds", min=0.01, max=3600)
+    shutdown_timeout: float = _opt(10.0, "seconds stop() may flush before spooling the rest", min=0, max=3600)
+
+
+@dataclass(slots=True)
+class DatabaseConfig:
+    url: str = _opt("sqlite:///tagwriter.db", "sqlite:///PATH, oracle://USER@HOST:PORT/SERVICE, postgresql://USER@HOST:PORT/DB")
+    table: str = _opt("tag_values", "table name", identifier=True)
+    tag_column: str = _opt("tag_name", "column of the tag name", identifier=True)
+    ts_column: str = _opt("ts", "column of the timestamp", identifier=True)
+    value_column: str = _opt("value", "column of the value", identifier=True)
+    quality_column: str = _opt("quality", "column of the quality code", identifier=True)
+    user: str = _opt("", "user name (overrides the URL's)")
+    password: str = _opt("", "password; prefer env TAGWRITER_DATABASE_PASSWORD", secret=True)
+    dsn: str = _opt("", "Oracle: Easy Connect string or TNS alias (instead of the URL's host/service)")
+    config_dir: str = _opt("", "Oracle: folder of tnsnames.ora / sqlnet.ora")
+    wallet_location: str = _opt("", "Oracle: folder of the wallet (ewallet.pem)")
+    wallet_password: str = _opt("", "Oracle: wallet password", secret=True)
+    thick_mode: bool = _opt(False, "Oracle: use Oracle Client libraries (thick mode)")
+    lib_dir: str = _opt("", "Oracle thick mode: Instant Client folder")
+    pool_min: int = _opt(2, "connection pool minimum", min=0, max=1000)
+    pool_max: int = _opt(5, "connection pool maximum", min=1, max=1000)
+    pool_wait_timeout: float = _opt(5.0, "seconds to wait for a pooled connection", min=0.01, max=3600)
+    connect_timeout: float = _opt(5.0, "seconds to establish a connection", min=0.01, max=3600)
+    call_timeout: float = _opt(10.0, "seconds any one database call may take", min=0.01, max=3600)
+    insert_mode: str = _opt(
+        "conventional", "Oracle: conventional or direct_path", choices=("conventional", "direct_path")
+    )
+
+
+@dataclass(slots=True)
+class BackupConfig:
+    directory: str = _opt("backup", "folder of spool (backup) CSV files")
+    quarantine_directory: str = _opt("backup/quarantine", "folder of rejected rows and bad lines")
+    roll_rows: int = _opt(100_000, "rows per spool file before it rolls", min=1, max=100_000_000)
+    roll_seconds: float = _opt(60.0, "seconds per spool file before it rolls", min=0.1, max=86_400)
+    max_bytes: int = _opt(10 * 1024**3, "spool folder size cap in bytes (0 = none)", min=0)
+    auto_replay: bool = _opt(True, "drain the spool into the database after an outage")
+    replay_rate: float = _opt(0.0, "auto replay: values/s at most (0 = adaptive)", min=0)
+
+
+@dataclass(slots=True)
+class MetricsConfig:
+    port: int = _opt(0, "HTTP metrics port (0 = off)", min=0, max=65_535)
+    host: str = _opt("127.0.0.1", "HTTP metrics bind address")
+    log_interval: float = _opt(10.0, "seconds between status log lines without the panel", min=0.1, max=86_400)
+    health_max_buffer_pct: float = _opt(80.0, "healthz fails above this buffer fill", min=0, max=100)
+
+
+@dataclass(slots=True)
+class LoggingConfig:
+    level: str = _opt("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+    file: str = _opt("", "rotating log file ('' = console only)")
+    max_bytes: int = _opt(10 * 1024**2, "log file size before it rotates", min=1024)
+    backup_count: int = _opt(5, "rotated log files kept", min=0, max=1000)
+
+
+@dataclass(slots=True)
+class Config:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    writer: WriterConfig = field(default_factory=WriterConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+    def to_dict(self, *, redact: bool = True) -> dict[str, dict[str, Any]]:
+        """The tree as plain TOML-able data; secrets replaced by `***` when set."""
+        out: dict[str, dict[str, Any]] = {}
+        for section in dataclasses.fields(self):
+            values: dict[str, Any] = {}
+            for f in dataclasses.fields(getattr(self, section.name)):
+                value = getattr(getattr(self, section.name), f.name)
+                if redact and f.metadata.get("secret") and value:
+                    value = REDACTED
+                if redact and f.name == "url":
+                    value = redact_url(value)
+                values[f.name] = value
+            out[section.name] = values
+        return out
+
+    def dumps(self, *, redact: bool = True) -> str:
+        return tomli_w.dumps(self.to_dict(redact=redact))
+
+
+# -- loading ---------------------------------------------------------------
+
+
+def load(
+    path: Path | str | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """The effective config: defaults, then the file, then env, then `overrides`.
+
+    `path=None` reads `./tagwriter.toml` if present. `overrides` maps dotted key
+    paths (`writer.batch_size`) to values, as the CLI flags give them.
+    Raises ConfigError naming the file:line or key path.
+    """
+    if path is None:
+        path = DEFAULT_PATH if DEFAULT_PATH.is_file() else None
+    raw: dict[str, Any] = read_toml(Path(path)) if path is not None else {}
+    origin = str(path) if path is not None else "defaults"
+    tree = _tree_from_mapping(raw, origin)
+    env = os.environ if env is None else env
+    for name, text in sorted(env.items()):
+        if name.startswith(ENV_PREFIX) and name not in ENV_NOT_CONFIG and not name.startswith(ENV_PREFIX + "TEST_"):
+            _apply_env(tree, name, text)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            section, _, key = dotted.partition(".")
+            _set(tree, section, key, value, f"option for {dotted}")
+    config = Config(**{name: cls(**tree[name]) for name, cls in _sections().items()})
+    validate(config)
+    return config
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file", hint="tagwriter config init writes one") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        line = m.group(1) if m else "?"
+        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc)) if m else str(exc)
+        raise ConfigError(f"{path}:{line}: TOML syntax error: {msg}") from None
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: _section_type(f.name) for f in dataclasses.fields(Config)}
+
+
+def _section_type(name: str) -> type:
+    hints = typing.get_type_hints(Config)
+    return typing.cast(type, hints[name])
+
+
+def _fields(section: str) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(_section_type(section))}
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _tree_from_mapping(raw: Mapping[str, Any], origin: str) -> dict[str, dict[str, Any]]:
+    sections = _sections()
+    tree: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    for section, values in raw.items():
+        if section not in sections:
+            raise ConfigError(
+                f"{origin}: unknown section [{section}]{_did_you_mean(section, list(sections))}",
+                hint=f"sections are {', '.join(sections)}",
+            )
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{origin}: {section} must be a table [{section}], not a value")
+        for key, value in values.items():
+            _set(tree, section, key, value, origin)
+    return tree
+
+
+def _set(tree: dict[str, dict[str, Any]], section: str, key: str, value: Any, origin: str) -> None:
+    if section not in tree:
+        raise ConfigError(f"{origin}: unknown section {section!r}{_did_you_mean(section, list(tree))}")
+    fields = _fields(section)
+    if key not in fields:
+        raise ConfigError(
+            f"{origin}: unknown key {section}.{key}{_did_you_mean(key, list(fields))}",
+            hint=f"keys of [{section}]: {', '.join(fields)}",
+        )
+    tree[section][key] = _coerce(f"{section}.{key}", fields[key], value)
+
+
+def _apply_env(tree: dict[str, dict[str, Any]], name: str, text: str) -> None:
+    rest = name[len(ENV_PREFIX):].lower()
+    for section in tree:
+        if rest.startswith(section + "_"):
+            key = rest[len(section) + 1:]
+            fields = _fields(section)
+            if key not in fields:
+                raise ConfigError(
+                    f"environment {name}: unknown key {section}.{key}{_did_you_mean(key, list(fields))}"
+                )
+            tree[section][key] = _coerce(f"{section}.{key}", fields[key], _parse_env(fields[key], text, name))
+            return
+    raise ConfigError(f"environment {name}: no config section matches", hint="use TAGWRITER_SECTION_KEY")
+
+
+def _field_type(f: dataclasses.Field[Any]) -> Any:
+    return {"str": str, "int": int, "float": float, "bool": bool, "list[float]": list}[str(f.type)]
+
+
+def _parse_env(f: dataclasses.Field[Any], text: str, name: str) -> Any:
+    kind = _field_type(f)
+    if kind is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"environment {name} = {text!r}: must be true or false")
+    if kind is list:
+        parts = [p for p in re.split(r"[,\s]+", text.strip().strip("[]")) if p]
+        try:
+            return [float(p) for p in parts]
+        except ValueError:
+            raise ConfigError(f"environment {name} = {text!r}: must be numbers separated by commas") from None
+    if kind in (int, float):
+        try:
+            return kind(text.replace("_", ""))
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise ConfigError(f"environment {name} = {text!r}: must be {what}") from None
+    return text
+
+
+def _coerce(path: str, f: dataclasses.Field[Any], value: Any) -> Any:
+    kind = _field_type(f)
+    shown = _show(f, value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} = {shown}: must be true or false")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} = {shown}: must be an integer")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{path} = {shown}: must be a number")
+        value = float(value)
+    elif kind is list:
+        if not isinstance(value, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{path} = {shown}: must be a list of numbers, e.g. [1.0, 2.0, 4.0]")
+        value = [float(v) for v in value]
+    elif not isinstance(value, str):
+        raise ConfigError(f"{path} = {shown}: must be a string")
+    _check_rules(path, f, value)
+    return value
+
+
+def _show(f: dataclasses.Field[Any], value: Any) -> str:
+    if f.metadata.get("secret"):
+        return REDACTED
+    return tomli_w.dumps({"v": value})[4:].strip() if _tomlable(value) else repr(value)
+
+
+def _tomlable(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool, list)) and not isinstance(value, types.NoneType)
+
+
+def _check_rules(path: str, f: dataclasses.Field[Any], value: Any) -> None:
+    meta = f.metadata
+    shown = _show(f, value)
+    for v in value if isinstance(value, list) else [value]:
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and hi is not None and not lo <= v <= hi:
+            raise ConfigError(f"{path} = {shown}: must be between {lo:g} and {hi:g}")
+        if lo is not None and v < lo:
+            raise ConfigError(f"{path} = {shown}: must be at least {lo:g}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(
+            f"{path} = {shown}: must be one of {', '.join(choices)}{_did_you_mean(str(value), list(choices))}"
+        )
+    if meta.get("identifier") and not IDENTIFIER.match(value):
+        raise ConfigError(
+            f"{path} = {shown}: not a valid SQL identifier",
+            hint="a letter, then letters, digits or _ $ #, at most 128 characters",
+        )
+
+
+def validate(config: Config) -> None:
+    """Check invariants between keys; raises ConfigError."""
+    w, b, d = config.writer, config.buffer, config.database
+    if w.batch_size > b.capacity:
+        raise ConfigError(
+            f"writer.batch_size = {w.batch_size}: must not exceed buffer.capacity = {b.capacity}"
+        )
+    if w.probe_interval > w.probe_max_interval:
+        raise ConfigError(
+            f"writer.probe_interval = {w.probe_interval:g}: must not exceed "
+            f"writer.probe_max_interval = {w.probe_max_interval:g}"
+        )
+    if d.pool_min > d.pool_max:
+        raise ConfigError(f"database.pool_min = {d.pool_min}: must not exceed database.pool_max = {d.pool_max}")
+    names = [d.tag_column, d.ts_column, d.value_column, d.quality_column]
+    if len({n.lower() for n in names}) != 4:
+        raise ConfigError(f"database columns {', '.join(names)}: must be four different names")
+    parse_url(d.url)
+
+
+# -- database URLs -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseURL:
+    """A parsed `database.url`: `kind` is sqlite, oracle or postgresql."""
+
+    kind: str
+    path: str = ""  # sqlite: the file
+    user: str = ""
+    password: str = ""
+    host: str = ""
+    port: int | None = None
+    name: str = ""  # oracle: service name; postgresql: database
+
+
+SCHEMES = {"sqlite": "sqlite", "oracle": "oracle", "postgresql": "postgresql", "postgres": "postgresql"}
+
+
+def parse_url(url: str) -> DatabaseURL:
+    """Parse a database URL; raises ConfigError for an unknown scheme or shape."""
+    scheme, sep, rest = url.partition("://")
+    kind = SCHEMES.get(scheme.lower()) if sep else None
+    if kind is None:
+        raise ConfigError(
+            f"database.url = {redact_url(url)!r}: unknown database kind",
+            hint="use sqlite:///PATH, oracle://USER@HOST:PORT/SERVICE or postgresql://USER@HOST:PORT/DB",
+        )
+    if kind == "sqlite":
+        path = rest[1:] if rest.startswith("/") else rest
+        if not path:
+            raise ConfigError("database.url: sqlite needs a file, e.g. sqlite:///tagwriter.db")
+        return DatabaseURL("sqlite", path=path)
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"database.url = {redact_url(url)!r}: bad port") from None
+    return DatabaseURL(
+        kind,
+        user=unquote(parts.username or ""),
+        password=unquote(parts.password or ""),
+        host=parts.hostname or "",
+        port=port,
+        name=parts.path.lstrip("/"),
+    )
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by `***`."""
+    return re.sub(r"(://[^/@:]*):[^/@]*@", rf"\1:{REDACTED}@", url)
+
+
+# -- documentation -------------------------------------------------------------
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(key path, default as TOML, help) for every key: the reference in README."""
+    rows = []
+    for section in _sections():
+        for f in _fields(section).values():
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            rows.append((f"{section}.{f.name}", tomli_w.dumps({"v": default})[4:].strip(), f.metadata["help"]))
+    return rows

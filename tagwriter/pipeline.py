@@ -1,0 +1,275 @@
+"""`Pipeline`: source -> buffer -> writer -> sink, with spool and metrics, as one object.
+
+    with Pipeline(config) as p:
+        p.submit(PollingData("line1", ts, {"line1.temp": 21.5}))
+
+Every submitted value ends as exactly one of: written (or a duplicate of a
+row already there), spooled, quarantined, or a counted drop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterable, Sequence
+from types import TracebackType
+
+from tagwriter.buffer import OverflowPolicy, RingBuffer
+from tagwriter.clock import SYSTEM_CLOCK, Clock
+from tagwriter.config import Config
+from tagwriter.errors import PipelineStopped, SpoolError, SpoolFullError
+from tagwriter.metrics import Metrics, MetricsSnapshot, WriterState
+from tagwriter.models import PollingData, TagValue
+from tagwriter.sinks import Sink, create_sink
+from tagwriter.spool import Spool
+from tagwriter.writer import Writer
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    """The library's entry point. `submit`, `flush`, `stop` and `snapshot` are thread-safe."""
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        sink: Sink | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.config = config = config or Config()
+        self.clock = clock
+        self.metrics = Metrics(clock)
+        self.buffer = RingBuffer(
+            config.buffer.capacity,
+            config.buffer.overflow_policy,
+            block_timeout=config.buffer.block_timeout,
+            clock=clock,
+        )
+        b = config.backup
+        self.spool = Spool(
+            b.directory, b.quarantine_directory,
+            roll_rows=b.roll_rows, roll_seconds=b.roll_seconds, max_bytes=b.max_bytes, clock=clock,
+        )
+        self.sink = sink if sink is not None else create_sink(config.database)
+        self.writer = Writer(
+            self.buffer, self.sink, self.spool, self.metrics, config.writer, clock=clock
+        )
+        self._submit_lock = threading.Lock()
+        self._stop_lock = threading.RLock()
+        self._hurry = threading.Event()
+        self._accepting = False
+        self._started = False
+        self._stop_result: bool | None = None
+        self._consumers: list[QueueConsumer] = []
+
+    # -- life cycle --------------------------------------------------------
+
+    def start(self) -> Pipeline:
+        """Recover files a crashed run left, then start the writer. Idempotent."""
+        with self._stop_lock:
+            if self._started:
+                return self
+            self._started = True
+            try:
+                self.spool.recover()
+            except OSError as exc:
+                log.error("cannot recover partial spool files: %s", exc)
+            self.writer.start()
+            with self._submit_lock:
+                self._accepting = True
+        return self
+
+    def __enter__(self) -> Pipeline:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._accepting
+
+    # -- producers ---------------------------------------------------------
+
+    def submit(self, data: PollingData | Iterable[TagValue]) -> bool:
+        """Hand over one polling group (or rows); True if every value was taken.
+
+        False means some were dropped (counted) under the `drop-oldest` or
+        `block` policy. Raises PipelineStopped after `stop()`.
+        """
+        rows: Sequence[TagValue] = list(data.rows()) if isinstance(data, PollingData) else list(data)
+        if not rows:
+            return True
+        with self._submit_lock:
+            if not self._accepting:
+                raise PipelineStopped("the pipeline is stopped; the values were not taken")
+            self.metrics.record_submitted(len(rows))
+            result = self.buffer.put_many(rows)
+            if result.evicted:
+                self._spill(result.evicted)
+        if result.dropped:
+            reason = "block_timeout" if self.buffer.policy is OverflowPolicy.BLOCK else "overflow"
+            self.metrics.record_dropped(result.dropped, reason)
+            return False
+        return True
+
+    def _spill(self, rows: list[TagValue]) -> None:
+        self.metrics.record_overflow_spilled(len(rows))
+        try:
+            self.metrics.record_spooled(self.spool.write_rows(rows))
+        except SpoolFullError as exc:
+            log.error("cannot spill %d values: %s", len(rows), exc)
+            self.metrics.record_dropped(len(rows), "spool_full")
+        except SpoolError as exc:
+            log.error("cannot spill %d values: %s", len(rows), exc)
+            self.metrics.record_dropped(len(rows), "spool_error")
+
+    def consume(self, source: queue.Queue[PollingData | None]) -> QueueConsumer:
+        """Start a thread that submits every `PollingData` put on `source`.
+
+        Put `None` on the queue to end the consumer; `stop()` also ends it,
+        after submitting what is still queued.
+        """
+        consumer = QueueConsumer(self, source)
+        self._consumers.append(consumer)
+        consumer.start()
+        return consumer
+
+    # -- flushing and stopping ---------------------------------------------
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Write (or spool) everything submitted so far; False if not done in time."""
+        return self.writer.flush(timeout)
+
+    def abort(self) -> None:
+        """Make a `stop()` in progress give up flushing and spool the rest now."""
+        self._hurry.set()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Flush within `timeout` seconds (default `writer.shutdown_timeout`), spool the rest.
+
+        Idempotent; callable from any thread except one blocked in `submit`.
+        Returns True if nothing was left unsettled (written, spooled,
+        quarantined or a counted policy drop); False if data could not be spooled.
+        """
+        with self._stop_lock:
+            if self._stop_result is not None:
+                return self._stop_result
+            if not self._started:
+                self._stop_result = True
+                return True
+            if timeout is None:
+                timeout = self.config.writer.shutdown_timeout
+            deadline = self.clock.monotonic() + timeout
+            for consumer in self._consumers:
+                consumer.stop(max(0.0, deadline - self.clock.monotonic()))
+            with self._submit_lock:
+                self._accepting = False
+            self.metrics.set_state(WriterState.STOPPING)
+            self.writer.request_stop()
+            finished = self._wait_writer(deadline)
+            if not finished:
+                log.warning("shutdown deadline reached: spooling what is still pending")
+                self.writer.abort()
+            leftovers = self.writer.abandon() if not finished else None
+            spooled_ok = self._spool_leftovers(leftovers.rows if leftovers else [])
+            try:
+                self.spool.seal()
+            except SpoolError as exc:
+                log.error("%s", exc)
+                spooled_ok = False
+            if finished:
+                self._close_sink()
+            self.metrics.set_state(WriterState.STOPPED)
+            snap = self.snapshot()
+            self._stop_result = spooled_ok and snap.pending == 0
+            log.info(
+                "stopped: submitted %d = written %d + duplicates %d + spooled %d + "
+                "quarantined %d + dropped %d + pending %d",
+                snap.submitted, snap.written, snap.duplicates, snap.spooled,
+                snap.quarantined, snap.dropped, snap.pending,
+            )
+            return self._stop_result
+
+    def _wait_writer(self, deadline: float) -> bool:
+        while True:
+            remaining = deadline - self.clock.monotonic()
+            if self._hurry.is_set() or remaining <= 0.0:
+                return self.writer.join(0.0)
+            if self.writer.join(min(0.05, remaining)):
+                return True
+
+    def _spool_leftovers(self, inflight: list[TagValue]) -> bool:
+        rows = list(inflight)
+        while len(self.buffer):
+            rows.extend(self.buffer.drain(len(self.buffer) or 1).rows)
+        if not rows:
+            return True
+        try:
+            self.metrics.record_spooled(self.spool.write_rows(rows, force=True))
+            return True
+        except SpoolError as exc:
+            log.error("cannot spool %d values at shutdown: %s", len(rows), exc)
+            self.metrics.record_dropped(len(rows), "spool_error")
+            return False
+
+    def _close_sink(self) -> None:
+        """Close the sink, bounded: a hung driver must not hold up the exit."""
+        closer = threading.Thread(target=self.sink.close, name="tagwriter-close", daemon=True)
+        closer.start()
+        closer.join(2.0)
+
+    # -- reading -----------------------------------------------------------
+
+    def snapshot(self) -> MetricsSnapshot:
+        """Every figure now, as one immutable object."""
+        files, size = self.spool.stats()
+        return self.metrics.snapshot(
+            buffer_size=len(self.buffer),
+            buffer_capacity=self.buffer.capacity,
+            inflight=self.writer.inflight,
+            backup_files=files,
+            backup_bytes=size,
+            spool_full=self.spool.backup.full,
+        )
+
+
+class QueueConsumer:
+    """Submits `PollingData` from an upstream `queue.Queue` (how a polling system plugs in)."""
+
+    def __init__(self, pipeline: Pipeline, source: queue.Queue[PollingData | None]) -> None:
+        self.pipeline = pipeline
+        self.source = source
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tagwriter-queue", daemon=True)
+        self.consumed = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self.source.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            if item is None:
+                return
+            try:
+                self.pipeline.submit(item)
+            except PipelineStopped:
+                log.error("queue consumer: pipeline stopped with values still queued")
+                return
+            self.consumed += 1
+
+    def stop(self, timeout: float) -> bool:
+        """Submit what is queued, then end; True if done within `timeout`."""
+        self._stop.set()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()

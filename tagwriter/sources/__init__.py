@@ -1,0 +1,1 @@
+"""Sources of values: simulated polling, files and stdin, an upstream queue."""
