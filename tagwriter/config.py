@@ -207,7 +207,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
-        line = m.group(1) if m else "?"
+        # tomllib says "at end of document" instead of a line when the file ends too early.
+        line = m.group(1) if m else str(text.count("\n") + (not text.endswith("\n")))
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc)) if m else str(exc)
         raise ConfigError(f"{path}:{line}: TOML syntax error: {msg}") from None
 
@@ -330,7 +331,17 @@ def _coerce(path: str, f: dataclasses.Field[Any], value: Any) -> Any:
 def _show(f: dataclasses.Field[Any], value: Any) -> str:
     if f.metadata.get("secret"):
         return REDACTED
-    return tomli_w.dumps({"v": value})[4:].strip() if _tomlable(value) else repr(value)
+    try:
+        return toml_value(value) if _tomlable(value) else repr(value)
+    except (TypeError, ValueError):  # e.g. a list holding a value TOML cannot express
+        return repr(value)
+
+
+def toml_value(value: Any) -> str:
+    """A value as TOML on one line (tomli-w spreads arrays over several)."""
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return tomli_w.dumps({"v": value})[4:].strip()
 
 
 def _tomlable(value: Any) -> bool:
@@ -440,5 +451,5 @@ def describe() -> list[tuple[str, str, str]]:
     for section in _sections():
         for f in _fields(section).values():
             default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-            rows.append((f"{section}.{f.name}", tomli_w.dumps({"v": default})[4:].strip(), f.metadata["help"]))
+            rows.append((f"{section}.{f.name}", toml_value(default), f.metadata["help"]))
     return rows

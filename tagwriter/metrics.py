@@ -300,6 +300,13 @@ class Metrics:
         with self._lock:
             return self._merge(self._latency_slots, self._clock.monotonic(), window)
 
+    def cumulative_latency(self) -> LatencyHistogram:
+        """A consistent copy of the end-to-end latency histogram since start."""
+        copy = LatencyHistogram()
+        with self._lock:
+            copy.merge(self.latency)
+        return copy
+
     @staticmethod
     def _merge(
         slots: deque[tuple[int, LatencyHistogram]], now: float, window: float

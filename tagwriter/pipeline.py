@@ -14,6 +14,7 @@ import queue
 import threading
 from collections.abc import Iterable, Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from tagwriter.buffer import OverflowPolicy, RingBuffer
 from tagwriter.clock import SYSTEM_CLOCK, Clock
@@ -21,9 +22,13 @@ from tagwriter.config import Config
 from tagwriter.errors import PipelineStopped, SpoolError, SpoolFullError
 from tagwriter.metrics import Metrics, MetricsSnapshot, WriterState
 from tagwriter.models import PollingData, TagValue
+from tagwriter.recovery import SpoolDrain
 from tagwriter.sinks import Sink, create_sink
 from tagwriter.spool import Spool
 from tagwriter.writer import Writer
+
+if TYPE_CHECKING:
+    from tagwriter.endpoint import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,11 @@ class Pipeline:
         self.writer = Writer(
             self.buffer, self.sink, self.spool, self.metrics, config.writer, clock=clock
         )
+        # The spool drain runs on the writer thread between live batches (see recovery.py).
+        self.drain = SpoolDrain(self.spool, self.sink, config, clock=clock)
+        if config.backup.auto_replay:
+            self.writer.background = self.drain
+            self.writer.on_recovered = self.drain.trigger
         self._submit_lock = threading.Lock()
         self._stop_lock = threading.RLock()
         self._hurry = threading.Event()
@@ -63,6 +73,7 @@ class Pipeline:
         self._started = False
         self._stop_result: bool | None = None
         self._consumers: list[QueueConsumer] = []
+        self.metrics_server: MetricsServer | None = None  # serves HTTP while running if metrics.port > 0
 
     # -- life cycle --------------------------------------------------------
 
@@ -71,6 +82,7 @@ class Pipeline:
         with self._stop_lock:
             if self._started:
                 return self
+            self._start_metrics_server()
             self._started = True
             try:
                 self.spool.recover()
@@ -183,6 +195,7 @@ class Pipeline:
                 log.error("%s", exc)
                 spooled_ok = False
             if finished:
+                self.drain.close()
                 self._close_sink()
             self.metrics.set_state(WriterState.STOPPED)
             snap = self.snapshot()
@@ -193,7 +206,19 @@ class Pipeline:
                 snap.submitted, snap.written, snap.duplicates, snap.spooled,
                 snap.quarantined, snap.dropped, snap.pending,
             )
+            if self.metrics_server is not None:
+                self.metrics_server.stop(timeout=1.0)
             return self._stop_result
+
+    def _start_metrics_server(self) -> None:
+        """Serve the HTTP endpoint if metrics.port > 0; a taken port raises ConfigError before anything runs."""
+        m = self.config.metrics
+        if m.port > 0 and self.metrics_server is None:
+            from tagwriter.endpoint import MetricsServer  # prometheus_client only when used
+
+            self.metrics_server = MetricsServer(
+                self, m.host, m.port, health_max_buffer_pct=m.health_max_buffer_pct
+            ).start()
 
     def _wait_writer(self, deadline: float) -> bool:
         while True:
@@ -235,6 +260,7 @@ class Pipeline:
             backup_files=files,
             backup_bytes=size,
             spool_full=self.spool.backup.full,
+            **self.drain.status(),
         )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 from tagwriter.buffer import Batch, RingBuffer
 from tagwriter.clock import SYSTEM_CLOCK, Clock
@@ -32,6 +33,18 @@ from tagwriter.spool import Spool
 log = logging.getLogger(__name__)
 
 IDLE_TICK = 0.25  # seconds between housekeeping when no batch is due
+
+
+class BackgroundWork(Protocol):
+    """Work the writer thread does between live batches (the spool drain)."""
+
+    def due_in(self) -> float | None:
+        """Seconds until the next step is due (0 = now); None when there is nothing to do."""
+        ...
+
+    def step(self) -> None:
+        """One short unit of work (at most one database write)."""
+        ...
 
 
 class Writer:
@@ -55,6 +68,8 @@ class Writer:
         self.config = config
         self.clock = clock
         self.on_recovered = on_recovered
+        self.background: BackgroundWork | None = None  # run only when no live batch is due
+        self._background_due: float | None = None
         self._thread = threading.Thread(target=self._run, name="tagwriter-writer", daemon=True)
         self._probe_thread: threading.Thread | None = None
         self._stopping = threading.Event()  # drain what is pending, then exit
@@ -139,10 +154,12 @@ class Writer:
                 urgent = self._stopping.is_set() or self._flushers > 0
                 n = self.buffer.wait_ready(
                     self.config.batch_size, self.config.flush_interval,
-                    0.0 if urgent else IDLE_TICK,
+                    0.0 if urgent else self._idle_wait(),
                 )
                 if self._abort.is_set():
                     break
+                if not urgent and self._background_step(n):
+                    continue
                 if n == 0:
                     if self._stopping.is_set():
                         break
@@ -175,6 +192,38 @@ class Writer:
         except SpoolError as exc:
             log.error("%s", exc)
         self._notify_idle()
+
+    def _idle_wait(self) -> float:
+        due = self._background_due
+        return IDLE_TICK if due is None else min(IDLE_TICK, due)
+
+    def _background_step(self, pending: int) -> bool:
+        """Run background work while no live batch is due; True to wait again instead of writing.
+
+        Live first: never in outage mode, and never while a full batch or one
+        older than `flush_interval` waits, so a live batch waits for one step at most.
+        """
+        work = self.background
+        self._background_due = None
+        if work is None or self._outage:
+            return False
+        if pending >= self.config.batch_size or (
+            pending and self.buffer.oldest_age() >= self.config.flush_interval
+        ):
+            return False
+        try:
+            due = work.due_in()
+            if due is not None and due <= 0.0:
+                work.step()
+        except Exception:  # a bug in the background work must not stop live writes
+            log.exception("background work failed; it is switched off")
+            self.background = None
+            return False
+        if due is None:
+            return False
+        self._background_due = max(0.0, due)
+        # A partial live batch keeps filling while the backlog drains.
+        return due <= 0.0 or pending > 0
 
     def _notify_idle(self) -> None:
         with self._idle:

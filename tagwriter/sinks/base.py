@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -22,6 +22,48 @@ class WriteResult:
     written: int
     duplicates: int = 0
     rejected: list[RowError] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnRule:
+    """What one column of the tagwriter table must look like in a given database.
+
+    `nullable` None accepts either; `matches` gets the type as the database reports it.
+    """
+
+    name: str
+    want: str
+    matches: Callable[[str], bool]
+    nullable: bool | None
+
+
+def table_differences(
+    info: TableInfo, rules: Sequence[ColumnRule], key: tuple[str, str], *, fold: Callable[[str], str] = str.lower
+) -> list[str]:
+    """How `info` differs from `rules` and the (tag, ts) `key`; [] = writable as tagwriter expects.
+
+    `fold` normalises identifiers for comparison (Oracle folds to upper case, SQLite
+    compares without case, PostgreSQL keeps them as they are).
+    """
+    found = {fold(c.name): c for c in info.columns}
+    diffs: list[str] = []
+    for rule in rules:
+        col = found.get(fold(rule.name))
+        if col is None:
+            diffs.append(f"column {rule.name} is missing (expected {rule.want})")
+            continue
+        if not rule.matches(col.type):
+            diffs.append(f"column {rule.name} is {col.type or 'untyped'}, expected {rule.want}")
+        if rule.nullable is not None and col.nullable != rule.nullable:
+            diffs.append(f"column {rule.name} is {'nullable' if col.nullable else 'NOT NULL'}, "
+                         f"expected {'nullable' if rule.nullable else 'NOT NULL'}")
+    have = [fold(k) for k in info.key]
+    if not have:
+        diffs.append(f"no primary key or unique constraint on ({key[0]}, {key[1]}): "
+                     "duplicates would not be detected and replay would not be idempotent")
+    elif set(have) != {fold(key[0]), fold(key[1])}:
+        diffs.append(f"the key is ({', '.join(info.key)}), expected ({key[0]}, {key[1]})")
+    return diffs
 
 
 @runtime_checkable
@@ -118,6 +160,8 @@ class AdminSink(Sink, Protocol):
         ...
 
     def create_table(self, *, read_index: bool = False, partition_by_day: bool = False) -> None:
+        """Run `ddl()`. Idempotent: objects that exist are kept (init-db relies on it to
+        add only the read index to an existing table)."""
         ...
 
     def inspect_table(self) -> TableInfo | None:

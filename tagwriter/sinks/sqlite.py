@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tagwriter.config import DatabaseConfig, parse_url
-from tagwriter.errors import FatalError, RowError, SinkError, TransientError
+from tagwriter.errors import ConfigError, FatalError, RowError, SinkError, TransientError
 from tagwriter.models import TagValue, format_ts
-from tagwriter.sinks.base import TableSpec, WriteResult
+from tagwriter.sinks.base import ColumnInfo, ColumnRule, TableInfo, TableSpec, WriteResult, table_differences
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,14 @@ class SqliteSink:
     def describe(self) -> str:
         return f"sqlite:///{self.path} table {self.spec.table}"
 
-    def ddl(self, *, read_index: bool = False) -> list[str]:
-        """CREATE statements for the table (and the optional read-side index)."""
+    def ddl(self, *, read_index: bool = False, partition_by_day: bool = False) -> list[str]:
+        """CREATE statements for the table (and the optional read-side index).
+
+        Raises ConfigError for `partition_by_day`: SQLite has no partitions.
+        """
+        if partition_by_day:
+            raise ConfigError("partitioning by day is an Oracle option; SQLite has no partitions",
+                              hint="leave out --partition-by-day")
         t, (c_tag, c_ts, c_val, c_q) = self.spec.table, self.spec.columns
         stmts = [
             f'CREATE TABLE IF NOT EXISTS "{t}" (\n'
@@ -171,6 +178,117 @@ class SqliteSink:
 
     def close(self) -> None:
         self._reset()
+
+    # -- AdminSink (init-db, test-connection) --------------------------------
+
+    def reach(self) -> str:
+        """The folder the database file lives in (or will be created in) is usable."""
+        folder = Path(self.path).resolve().parent
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise FatalError(f"{existing} is not a folder", code="ENOTDIR", hint="check database.url")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise FatalError(f"folder {existing} is not writable", code="EACCES",
+                             hint="check the folder's permissions or database.url")
+        return f"folder {folder}" + ("" if existing == folder else " (will be created)")
+
+    def login(self) -> None:
+        """Open the file and read its schema (detects a file that is not a database)."""
+        self._query_once("SELECT count(*) FROM sqlite_master", f"open {self.path}")
+
+    def server_version(self) -> str:
+        return f"SQLite {sqlite3.sqlite_version}"
+
+    def create_table(self, *, read_index: bool = False, partition_by_day: bool = False) -> None:
+        """Run `ddl()`; idempotent (IF NOT EXISTS)."""
+        stmts = self.ddl(read_index=read_index, partition_by_day=partition_by_day)
+        conn = self.connect()
+        try:
+            for stmt in stmts:
+                conn.execute(stmt)
+        except sqlite3.Error as exc:
+            raise classify(exc, f"create table {self.spec.table}") from None
+        finally:
+            conn.close()
+
+    def inspect_table(self) -> TableInfo | None:
+        """Columns from PRAGMA table_info; the key is the primary key, else a unique index on (tag, ts)."""
+        conn = self.connect()
+        try:
+            t = self.spec.table
+            cols = conn.execute(f'PRAGMA table_info("{t}")').fetchall()
+            if not cols:
+                return None
+            columns = [ColumnInfo(name, (ctype or "").upper(), not notnull and not pk)
+                       for _cid, name, ctype, notnull, _dflt, pk in cols]
+            key = [name for _cid, name, _t, _nn, _d, pk in sorted(cols, key=lambda c: c[5]) if pk]
+            if not key:
+                wanted = {self.spec.tag.lower(), self.spec.ts.lower()}
+                for _seq, index, unique, *_ in conn.execute(f'PRAGMA index_list("{t}")').fetchall():
+                    names = [r[2] for r in conn.execute(f'PRAGMA index_info("{index}")').fetchall()]
+                    if unique and {n.lower() for n in names} == wanted:
+                        key = names
+                        break
+            return TableInfo(columns, key)
+        except sqlite3.Error as exc:
+            raise classify(exc, f"inspect {self.spec.table}") from None
+        finally:
+            conn.close()
+
+    def table_differences(self, info: TableInfo) -> list[str]:
+        """Differences from DESIGN.md's SQLite table, compared by type affinity ([] = matches)."""
+        s = self.spec
+
+        def affinity(want: str) -> Callable[[str], bool]:
+            return lambda declared: _affinity(declared) == want
+
+        rules = [ColumnRule(s.tag, "TEXT", affinity("TEXT"), False), ColumnRule(s.ts, "TEXT", affinity("TEXT"), False),
+                 ColumnRule(s.value, "REAL", affinity("REAL"), True),
+                 ColumnRule(s.quality, "INTEGER", affinity("INTEGER"), True)]
+        return table_differences(info, rules, (s.tag, s.ts))
+
+    def try_insert(self) -> None:
+        """Insert a probe row inside a transaction and roll it back."""
+        conn = self.connect()
+        try:
+            conn.execute("BEGIN")
+            try:
+                conn.execute(self._insert, ("__tagwriter_probe__", format_ts(0), 0.0, 0))
+            finally:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            raise classify(exc, f"insert into {self.spec.table}") from None
+        finally:
+            conn.close()
+
+    def ping(self) -> None:
+        """One query on a connection of its own (thread-safe, like probe)."""
+        self._query_once("SELECT 1", f"ping {self.path}")
+
+    def _query_once(self, sql: str, action: str) -> None:
+        conn = self.connect()
+        try:
+            conn.execute(sql).fetchone()
+        except sqlite3.Error as exc:
+            raise classify(exc, action) from None
+        finally:
+            conn.close()
+
+
+def _affinity(declared: str) -> str:
+    """SQLite's type affinity rules (https://sqlite.org/datatype3.html, 3.1)."""
+    t = declared.upper()
+    if "INT" in t:
+        return "INTEGER"
+    if "CHAR" in t or "CLOB" in t or "TEXT" in t:
+        return "TEXT"
+    if not t or "BLOB" in t:
+        return "BLOB"
+    if "REAL" in t or "FLOA" in t or "DOUB" in t:
+        return "REAL"
+    return "NUMERIC"
 
 
 def _params(rows: Sequence[TagValue]) -> list[tuple[object, ...]]:

@@ -1,0 +1,464 @@
+"""The HTTP metrics endpoint: JSON, Prometheus text and a health check.
+
+    server = MetricsServer(pipeline, "127.0.0.1", 0).start()   # 0 = an ephemeral port
+    ... server.port ...
+    server.stop(timeout=1.0)
+
+Paths (GET or HEAD; anything else 404 / 405):
+- `/api/buffer/metrics`: `MetricsSnapshot.as_dict()` as JSON (field names are
+  the snapshot's; units are in the names: `_s` seconds, `_pct` percent).
+- `/metrics`: the same figures in the Prometheus text format (prometheus_client).
+- `/healthz`: 200 `ok: writing`, or 503 with the reason (see `health`).
+
+The server runs in one daemon thread, answers each request in its own daemon
+thread, reads one snapshot per request and never blocks the writer beyond the
+metrics lock a snapshot takes; accepts are paced (MIN_INTERVAL) so a client
+asking back to back cannot take the writer's CPU. Requests are logged at DEBUG
+only. `fetch_status` is the client side, used by `tagwriter status`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from tagwriter import __version__
+from tagwriter.errors import ConfigError, TagwriterError
+from tagwriter.metrics import LATENCY_BOUNDS, LatencyHistogram, Metrics, MetricsSnapshot, WriterState
+
+log = logging.getLogger(__name__)
+
+JSON_PATH = "/api/buffer/metrics"
+PROMETHEUS_PATH = "/metrics"
+HEALTH_PATH = "/healthz"
+
+# Histogram bounds exposed to Prometheus: decades and half-decades from 1 ms,
+# taken from LATENCY_BOUNDS itself so every cumulative bucket count is exact.
+PROMETHEUS_LATENCY_BOUNDS = [b for i, b in enumerate(LATENCY_BOUNDS) if i % 6 == 0 and b >= 0.00099]
+
+# At most one request accepted per MIN_INTERVAL seconds (40/s): unpaced, a client
+# requesting back to back cut the writer's throughput to 15-20% on 2 cores.
+MIN_INTERVAL = 0.025
+
+# Drop reasons the pipeline records; exposed at 0 from the start so rate() works.
+DROP_REASONS = ("overflow", "block_timeout", "spool_full", "spool_error", "quarantine_error")
+
+# States in which /healthz answers 503 whatever the buffer fill, and why.
+UNHEALTHY_STATES = {
+    WriterState.STARTING.value: "the database is not opened yet",
+    WriterState.RETRYING.value: "a batch failed and is being retried",
+    WriterState.OUTAGE.value: "the database is unreachable; values go to the spool",
+    WriterState.FAILED.value: "a database error that retrying cannot fix; values go to the spool",
+    WriterState.STOPPING.value: "shutting down",
+    WriterState.STOPPED.value: "stopped",
+}
+
+
+class EndpointUnreachable(TagwriterError):
+    """The metrics endpoint did not answer, or did not answer like tagwriter."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteStatus:
+    """What a running instance's endpoint reported: its snapshot and its health."""
+
+    url: str
+    snapshot: MetricsSnapshot
+    healthy: bool
+    reason: str
+
+
+class MetricsSource(Protocol):
+    """What the endpoint reads: a `Pipeline` fits."""
+
+    metrics: Metrics
+
+    def snapshot(self) -> MetricsSnapshot: ...
+
+
+def health(snapshot: MetricsSnapshot, max_buffer_pct: float) -> tuple[bool, str]:
+    """(healthy, one-line reason). Healthy = writing and the buffer at most `max_buffer_pct` full.
+
+    `starting` is unhealthy until the sink opened (bounded by the connect
+    timeout); `stopping` and `stopped` are unhealthy so monitors see the
+    instance going away.
+    """
+    state = snapshot.state
+    if state in UNHEALTHY_STATES:
+        why = UNHEALTHY_STATES[state]
+        if snapshot.last_error and state in ("retrying", "outage", "failed"):
+            why = f"{why}: {snapshot.last_error}"
+        return False, f"{state}: {why}"
+    if snapshot.buffer_utilization_pct > max_buffer_pct:
+        return False, (
+            f"{state}: buffer {snapshot.buffer_utilization_pct:.1f}% full "
+            f"(above metrics.health_max_buffer_pct = {max_buffer_pct:g}%)"
+        )
+    return True, state
+
+
+def snapshot_json(snapshot: MetricsSnapshot) -> bytes:
+    """The snapshot as JSON; a non-finite number becomes null (JSON has no NaN)."""
+    return json.dumps(_finite(snapshot.as_dict()), separators=(",", ":"), sort_keys=False).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+class SnapshotCollector(Collector):
+    """Reads one snapshot per scrape and yields it as Prometheus metric families."""
+
+    def __init__(self, source: MetricsSource) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.source.snapshot()
+        yield from snapshot_families(s)
+        yield latency_histogram(self.source.metrics.cumulative_latency())
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def snapshot_families(s: MetricsSnapshot) -> Iterator[Metric]:
+    """The snapshot's figures with conventional names, units and types."""
+    yield _counter("tagwriter_values_submitted_total", "Values handed to the pipeline.", s.submitted)
+    yield _counter("tagwriter_rows_written_total", "Rows committed to the database.", s.written)
+    yield _counter("tagwriter_rows_duplicate_total",
+                   "Rows the database already held (duplicate key), counted as written.", s.duplicates)
+    yield _counter("tagwriter_rows_spooled_total", "Rows written to spool (backup) files.", s.spooled)
+    yield _counter("tagwriter_rows_quarantined_total",
+                   "Rows the database rejected, kept in quarantine files.", s.quarantined)
+    dropped = CounterMetricFamily("tagwriter_values_dropped_total",
+                                  "Values dropped, counted, by reason.", labels=["reason"])
+    for reason, n in sorted({**dict.fromkeys(DROP_REASONS, 0), **s.dropped_by_reason}.items()):
+        dropped.add_metric([reason], n)
+    yield dropped
+    yield _counter("tagwriter_bad_input_total", "Malformed input lines (kept in quarantine).", s.bad_input)
+    batches = CounterMetricFamily("tagwriter_batches_total", "Batch write attempts by result.", labels=["result"])
+    batches.add_metric(["ok"], s.batches_ok)
+    batches.add_metric(["failed"], s.batches_failed)
+    yield batches
+    yield _counter("tagwriter_retries_total", "Failed batch writes that were retried.", s.retries)
+    yield _counter("tagwriter_outages_total", "Times the writer entered outage mode.", s.outages)
+
+    yield _gauge("tagwriter_buffer_values", "Values held in the in-memory buffer.", s.buffer_size)
+    yield _gauge("tagwriter_buffer_capacity_values", "Buffer capacity in values.", s.buffer_capacity)
+    yield _gauge("tagwriter_buffer_utilization_ratio", "Buffer fill, 0 to 1.", s.buffer_utilization_pct / 100.0)
+    yield _gauge("tagwriter_inflight_values", "Values in the batch being written now.", s.inflight)
+    yield _gauge("tagwriter_pending_values", "Values buffered or in flight.", s.pending)
+    yield _gauge("tagwriter_write_batch_size_values", "Average rows per batch over 5 minutes.", s.avg_batch_size_5m)
+    yield _gauge("tagwriter_write_latency_seconds",
+                 "Average seconds per batch write over 5 minutes.", s.avg_write_latency_5m_s)
+    yield _gauge("tagwriter_write_latency_p99_seconds",
+                 "99th percentile seconds per batch write over 5 minutes.", s.p99_write_latency_5m_s)
+    e2e = GaugeMetricFamily("tagwriter_end_to_end_latency_5m_seconds",
+                            "Submit-to-commit latency quantiles over 5 minutes (1 = max).", labels=["quantile"])
+    for q, v in (("0.5", s.latency_p50_s), ("0.95", s.latency_p95_s),
+                 ("0.99", s.latency_p99_s), ("1", s.latency_max_s)):
+        e2e.add_metric([q], v)
+    yield e2e
+    yield _gauge("tagwriter_overflow_values_1h", "Values evicted by buffer overflow in the last hour.", s.overflow_1h)
+    yield _gauge("tagwriter_overflow_ratio_1h",
+                 "Overflow evictions per value submitted over the last hour, 0 to 1.", s.overflow_rate_1h_pct / 100.0)
+    yield _gauge("tagwriter_backup_files", "Spool (backup) files, the open one included.", s.backup_files)
+    yield _gauge("tagwriter_backup_bytes", "Size of the spool (backup) folder.", s.backup_bytes)
+    yield _gauge("tagwriter_spool_full", "1 if the spool reached backup.max_bytes.", 1.0 if s.spool_full else 0.0)
+    yield _gauge("tagwriter_backlog_rows", "Spooled rows waiting to be replayed.", s.backlog_rows)
+    yield _gauge("tagwriter_backlog_files", "Spool files waiting to be replayed.", s.backlog_files)
+    yield _gauge("tagwriter_drain_rate_values_per_second", "Spool replay rate.", s.drain_rate_per_s)
+    if s.drain_eta_s is not None and math.isfinite(s.drain_eta_s):
+        yield _gauge("tagwriter_drain_eta_seconds", "Estimated seconds until the spool is drained.", s.drain_eta_s)
+    # A state set: one series per state, 1 for the current one (alert on state="outage").
+    states = GaugeMetricFamily("tagwriter_writer_state", "The writer's state (1 = current).", labels=["state"])
+    for st in WriterState:
+        states.add_metric([st.value], 1.0 if st.value == s.state else 0.0)
+    yield states
+    yield _gauge("tagwriter_uptime_seconds", "Seconds since the pipeline was created.", s.uptime_s)
+    info = GaugeMetricFamily("tagwriter_build_info", "tagwriter version (always 1).", labels=["version"])
+    info.add_metric([__version__], 1.0)
+    yield info
+
+
+def latency_histogram(hist: LatencyHistogram) -> HistogramMetricFamily:
+    """The cumulative end-to-end latency histogram on PROMETHEUS_LATENCY_BOUNDS."""
+    buckets: list[tuple[str, float]] = []
+    seen = 0
+    i = 0
+    for bound in PROMETHEUS_LATENCY_BOUNDS:
+        # counts[k] holds values in (LATENCY_BOUNDS[k-1], LATENCY_BOUNDS[k]].
+        while i < len(LATENCY_BOUNDS) and LATENCY_BOUNDS[i] <= bound:
+            seen += hist.counts[i]
+            i += 1
+        buckets.append((repr(bound), seen))
+    buckets.append(("+Inf", hist.total))
+    return HistogramMetricFamily(
+        "tagwriter_end_to_end_latency_seconds",
+        "Seconds from submit to commit per value, since start.",
+        buckets=buckets, sum_value=hist.sum,
+    )
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = 5.0  # a client that connects and sends nothing cannot hold a thread forever
+    protocol_version = "HTTP/1.0"
+    server_version = f"tagwriter/{__version__}"
+
+    def do_GET(self) -> None:
+        self._respond(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._respond(send_body=False)
+
+    def _method_not_allowed(self) -> None:
+        self._send(HTTPStatus.METHOD_NOT_ALLOWED, b"only GET and HEAD\n", "text/plain; charset=utf-8",
+                   send_body=True, extra={"Allow": "GET, HEAD"})
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _method_not_allowed
+
+    def _respond(self, *, send_body: bool) -> None:
+        path = self.path.split("?", 1)[0]
+        app = self.server.app
+        try:
+            if path == JSON_PATH:
+                status, body, ctype = HTTPStatus.OK, snapshot_json(app.source.snapshot()), "application/json"
+            elif path == PROMETHEUS_PATH:
+                status, body, ctype = HTTPStatus.OK, generate_latest(app.registry), CONTENT_TYPE_LATEST
+            elif path == HEALTH_PATH:
+                ok, reason = health(app.source.snapshot(), app.health_max_buffer_pct)
+                status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
+                body = f"{'ok' if ok else 'unhealthy'}: {reason}\n".encode()
+                ctype = "text/plain; charset=utf-8"
+            else:
+                status, ctype = HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8"
+                body = f"not found; paths: {JSON_PATH} {PROMETHEUS_PATH} {HEALTH_PATH}\n".encode()
+        except Exception as exc:  # a bug in reading metrics must not kill the server
+            log.exception("metrics endpoint: %s failed", path)
+            status, body, ctype = HTTPStatus.INTERNAL_SERVER_ERROR, f"error: {exc}\n".encode(), "text/plain"
+        self._send(status, body, ctype, send_body=send_body)
+
+    def _send(self, status: HTTPStatus, body: bytes, ctype: str, *, send_body: bool,
+              extra: dict[str, str] | None = None) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if send_body:
+                self.wfile.write(body)
+        except OSError:  # the client went away; nothing to tell it
+            pass
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def log_error(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # an in-flight request never holds up the exit
+    block_on_close = False  # server_close() must not wait for in-flight requests
+    allow_reuse_address = True
+    request_queue_size = 64  # clients wait in the kernel's backlog while accepts are paced
+    app: MetricsServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics endpoint: error serving %s", client_address, exc_info=True)
+
+
+class MetricsServer:
+    """Serves `source` over HTTP from a daemon thread. `start()` binds; `stop(timeout)` is bounded."""
+
+    def __init__(
+        self, source: MetricsSource, host: str = "127.0.0.1", port: int = 0, *,
+        health_max_buffer_pct: float = 80.0, min_interval: float = MIN_INTERVAL,
+    ) -> None:
+        self.source = source
+        self.min_interval = min_interval
+        self.host = host
+        self.health_max_buffer_pct = health_max_buffer_pct
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SnapshotCollector(source))
+        self._requested_port = port
+        self._bound_port = 0
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def port(self) -> int:
+        """The bound port (the ephemeral one when created with port 0); 0 before `start()`."""
+        return self._bound_port
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port) while serving."""
+        if self._httpd is None:
+            return self.host, self._bound_port
+        return str(self._httpd.server_address[0]), int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        host = "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> MetricsServer:
+        """Bind and serve; raises ConfigError naming metrics.port if the address is taken."""
+        if self._httpd is not None:
+            return self
+        server_class: type[_Server] = _Server
+        if ":" in self.host:
+            server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+        try:
+            httpd = server_class((self.host, self._requested_port), _Handler)
+        except OSError as exc:
+            raise ConfigError(
+                f"metrics.port = {self._requested_port}: cannot listen on {self.host}:{self._requested_port}: "
+                f"{exc.strerror or exc}",
+                hint="pick a free metrics.port (or --metrics-port), or 0 to turn the endpoint off",
+            ) from None
+        httpd.app = self
+        self._bound_port = int(httpd.server_address[1])
+        httpd.timeout = 0.2  # how often the serve loop looks at the stop flag
+        self._httpd = httpd
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._serve, name="tagwriter-metrics-http", daemon=True)
+        self._thread.start()
+        log.info("metrics endpoint on %s (%s, %s, %s)", self.url, JSON_PATH, PROMETHEUS_PATH, HEALTH_PATH)
+        return self
+
+    def _serve(self) -> None:
+        httpd = self._httpd
+        assert httpd is not None
+        while not self._stop.is_set():
+            # Waits at most httpd.timeout for a connection; each request gets its own thread.
+            started = time.monotonic()
+            httpd.handle_request()
+            # Pace accepts: a client asking back to back must not take the writer's CPU
+            # (measured in tests/benchmarks/bench_endpoint.py); callers wait in the backlog.
+            rest = self.min_interval - (time.monotonic() - started)
+            if rest > 0:
+                self._stop.wait(rest)
+
+    def stop(self, timeout: float = 1.0) -> bool:
+        """Stop serving and close the socket; True if the server thread ended within `timeout`."""
+        httpd, thread = self._httpd, self._thread
+        if httpd is None:
+            return True
+        self._stop.set()
+        ended = True
+        if thread is not None:
+            thread.join(timeout)
+            ended = not thread.is_alive()
+        httpd.server_close()
+        self._httpd = None
+        self._thread = None
+        if not ended:
+            log.warning("metrics endpoint thread did not end within %gs (a daemon: it will not block the exit)",
+                        timeout)
+        return ended
+
+
+# -- the client side: `tagwriter status` ---------------------------------------
+
+UNREACHABLE_HINT = "is `tagwriter run` running with metrics.port set (or --metrics-port)? else pass --url http://HOST:PORT"
+
+
+def normalize_url(url: str) -> str:
+    """`host:port` or `http://host:port/` -> `http://host:port`."""
+    url = url.strip().rstrip("/")
+    return url if "://" in url else f"http://{url}"
+
+
+def fetch_status(url: str, timeout: float = 2.0) -> RemoteStatus:
+    """Read a running instance's snapshot and health; raises EndpointUnreachable.
+
+    Every request is bounded by `timeout` seconds.
+    """
+    base = normalize_url(url)
+    status, body = _http_get(base + JSON_PATH, timeout, base)
+    if status != 200:
+        raise EndpointUnreachable(f"{base}{JSON_PATH} answered HTTP {status}: not a tagwriter metrics endpoint",
+                                  hint=UNREACHABLE_HINT)
+    snapshot = snapshot_from_json(body, base + JSON_PATH)
+    status, body = _http_get(base + HEALTH_PATH, timeout, base)
+    if status not in (200, 503):
+        raise EndpointUnreachable(f"{base}{HEALTH_PATH} answered HTTP {status}: not a tagwriter metrics endpoint",
+                                  hint=UNREACHABLE_HINT)
+    text = body.decode("utf-8", "replace").strip()
+    reason = text.split(": ", 1)[1] if ": " in text else text
+    return RemoteStatus(base, snapshot, status == 200, reason)
+
+
+def snapshot_from_json(body: bytes, where: str) -> MetricsSnapshot:
+    """Rebuild a MetricsSnapshot from the JSON; fields it does not know are ignored."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise EndpointUnreachable(f"{where}: the answer is not a JSON object", hint=UNREACHABLE_HINT)
+    known = {f.name for f in fields(MetricsSnapshot)}
+    try:
+        return MetricsSnapshot(**{k: v for k, v in data.items() if k in known})
+    except TypeError as exc:
+        raise EndpointUnreachable(f"{where}: not a tagwriter snapshot ({exc})", hint=UNREACHABLE_HINT) from None
+
+
+def _http_get(url: str, timeout: float, base: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return int(exc.code), exc.read()
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, TimeoutError):
+            why = f"no answer within {timeout:g}s"
+        else:
+            why = str(getattr(reason, "strerror", None) or reason)
+        raise EndpointUnreachable(f"cannot reach {base}: {why}", hint=UNREACHABLE_HINT) from None
+    except TimeoutError:
+        why = f"no answer within {timeout:g}s"
+        raise EndpointUnreachable(f"cannot reach {base}: {why}", hint=UNREACHABLE_HINT) from None
+    except (OSError, ValueError) as exc:  # reset connection, malformed URL
+        raise EndpointUnreachable(f"cannot reach {base}: {exc}", hint=UNREACHABLE_HINT) from None
