@@ -8,6 +8,11 @@ from typing import Annotated
 import typer
 
 from tagwriter.cli.common import GlobalOptions
+from tagwriter.cli.config_cmd import config_app
+from tagwriter.cli.init_db import init_db
+from tagwriter.cli.run import run
+from tagwriter.cli.status import status
+from tagwriter.cli.test_connection import test_connection
 from tagwriter.cli.version import version
 
 app = typer.Typer(
@@ -39,4 +44,9 @@ def common(
     ctx.obj = GlobalOptions(config, log_level, log_file)
 
 
+app.command("run")(run)
+app.add_typer(config_app, name="config")
 app.command("version")(version)
+app.command("init-db")(init_db)
+app.command("test-connection")(test_connection)
+app.command("status")(status)

@@ -11,6 +11,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tagwriter import config as config_mod
 from tagwriter.config import Config
@@ -57,9 +58,10 @@ def setup_logging(config: Config, *, console: bool = True) -> None:
 
 def fail(message: str, hint: str = "", code: int = 1) -> typer.Exit:
     """Print one clear error line (and a hint) to stderr; return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    # Messages quote config text such as `[writr]`: escape it so Rich markup cannot eat it.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
     if hint:
-        err_console.print(f"[dim]hint:[/] {hint}", markup=True, highlight=False)
+        err_console.print(f"[dim]hint:[/] {escape(hint)}", markup=True, highlight=False)
     return typer.Exit(code=code)
 
 
