@@ -1,0 +1,724 @@
+"""PostgreSQL through psycopg 3: binary COPY into a staging table, then one INSERT ... SELECT.
+
+A batch is one transaction: binary `COPY` into a session-local temporary table
+(`ON COMMIT DELETE ROWS`), then `INSERT INTO t SELECT ... FROM stage`, commit.
+The INSERT is first tried without `ON CONFLICT`, which skips speculative
+insertion and halves its server cost; a unique violation rolls back and the
+batch is redone with `ON CONFLICT (tag, ts) DO NOTHING`, which then stays on
+for a while (replays bring many duplicates). Either way duplicates are
+`rows - rowcount`, and open() refuses a table without a unique key on
+(tag, ts), so the plain INSERT can never store a duplicate.
+
+A row the database rejects (class 22 data errors, class 23 constraint
+violations) is isolated by bisection under savepoints and reported as a
+`RowError`; the rest of the batch commits.
+
+The key is PRIMARY KEY (tag_name, ts) (DESIGN.md): one tag over a time range is
+an index range scan. `ts` is timestamptz, sent in COPY as its binary form (int8
+microseconds since 2000-01-01 UTC) straight from `TagValue.ts_us`: exact to the
+microsecond and no `datetime` built per row.
+
+Nothing hangs: libpq's connect_timeout bounds connecting (libpq's minimum is 2 s);
+every session sets statement_timeout (90% of call_timeout) and
+idle_in_transaction_session_timeout;
+TCP keepalives and tcp_user_timeout cover dead peers; and a watchdog thread
+shuts the socket down when a call overruns `call_timeout`, because a server
+that accepted the connection and stopped answering never enforces its own
+statement_timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from tagwriter.config import DatabaseConfig, parse_url
+from tagwriter.errors import ConfigError, FatalError, RowError, SinkError, TransientError
+from tagwriter.models import TagValue
+from tagwriter.sinks.base import ColumnInfo, ColumnRule, TableInfo, TableSpec, WriteResult, table_differences
+
+log = logging.getLogger(__name__)
+
+#: 2000-01-01T00:00:00Z (PostgreSQL's timestamp epoch) in Unix-epoch microseconds.
+PG_EPOCH_US = 946_684_800_000_000
+#: timestamptz range (4713 BC .. 294276 AD) in Unix-epoch microseconds; end exclusive.
+TS_MIN_US = -211_813_488_000_000_000 + PG_EPOCH_US
+TS_END_US = 9_223_371_331_200_000_000 + PG_EPOCH_US
+_INT8_MIN, _INT8_MAX = -(2**63), 2**63 - 1
+MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names (NAMEDATALEN - 1)
+LIBPQ_MIN_CONNECT_TIMEOUT = 2  # libpq (and psycopg) raise anything lower to 2 s
+
+STAGE = "tagwriter_stage"
+# Staging columns are wide on purpose: a quality outside smallint fails in the
+# INSERT (a row error the bisection finds), not in the COPY (the whole batch).
+_STAGE_DDL = (
+    f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGE} "
+    "(pos int4, tag text, ts timestamptz, value float8, quality int8) ON COMMIT DELETE ROWS"
+)
+_COPY = f"COPY pg_temp.{STAGE} (pos, tag, ts, value, quality) FROM STDIN (FORMAT BINARY)"
+# ts goes out as int8: the binary COPY format of timestamptz is that int8.
+_COPY_TYPES = ("int4", "text", "int8", "float8", "int8")
+
+STATEMENT_SHARE = 0.9  # statement_timeout as a share of call_timeout
+
+# After a unique violation, use ON CONFLICT for this many batches before
+# trying the plain INSERT again.
+CONFLICT_MODE_BATCHES = 50
+
+ROW_ERROR_CLASSES = ("22", "23")
+_TRANSIENT_CODES = frozenset({"57P01", "57P02", "57P03", "57P05", "57014", "55P03", "55006"})
+_TRANSIENT_CLASSES = ("08", "40", "53", "58", "HV")
+_FATAL_HINTS = {
+    "42P01": "run tagwriter init-db to create the table, or fix database.table",
+    "42703": "the table lacks a configured column: fix database.*_column or run tagwriter init-db",
+    "42P10": "the table needs PRIMARY KEY (tag_name, ts): see tagwriter init-db",
+    "42501": "grant SELECT, INSERT on the table (and CONNECT, TEMPORARY on the database) to the user",
+    "28P01": "check the password (TAGWRITER_DATABASE_PASSWORD)",
+    "28000": "check database.user and the server's pg_hba.conf",
+    "3D000": "create the database, or fix the database name in database.url",
+    "3F000": "create the schema, or fix the search_path",
+    "25006": "the server is read-only (a standby?): point database.url at the primary",
+    "57P04": "the database was dropped: create it, or fix database.url",
+}
+_FATAL_CLASSES = ("28", "3D", "3F", "42", "0A", "25", "2B", "2F", "P0")
+# Connection failures carry no SQLSTATE: recognise the server's FATAL messages.
+_CONNECT_FATAL = (
+    (("authentication failed",), "28P01"),
+    (("no password supplied",), "28P01"),
+    (("no pg_hba.conf entry",), "28000"),
+    (('role "', "does not exist"), "28000"),
+    (('database "', "does not exist"), "3D000"),
+    (("permission denied for database",), "42501"),
+)
+
+
+def is_row_error(exc: BaseException) -> bool:
+    """True for errors one row causes: data exceptions and constraint violations."""
+    state = getattr(exc, "sqlstate", None) or ""
+    return state.startswith(ROW_ERROR_CLASSES)
+
+
+def classify(exc: BaseException, where: str) -> SinkError:
+    """Map a psycopg (or socket) error to TransientError (retry) or FatalError (configuration)."""
+    state = getattr(exc, "sqlstate", None) or ""
+    text = _message(exc)
+    if state:
+        if state in _TRANSIENT_CODES or state.startswith(_TRANSIENT_CLASSES):
+            return TransientError(f"{where}: {text}", code=state)
+        if state in _FATAL_HINTS or state.startswith(_FATAL_CLASSES):
+            return FatalError(f"{where}: {text}", code=state, hint=_FATAL_HINTS.get(state, ""))
+        return TransientError(f"{where}: {text}", code=state)
+    low = text.lower()
+    for needles, code in _CONNECT_FATAL:
+        if all(n in low for n in needles):
+            return FatalError(f"{where}: {text}", code=code, hint=_FATAL_HINTS[code])
+    # Refused, reset, timed out, "the database system is starting up", "too
+    # many clients", a closed connection: all worth retrying.
+    return TransientError(f"{where}: {text}", code=type(exc).__name__)
+
+
+def _message(exc: BaseException) -> str:
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
+    text = primary or str(exc)
+    return " ".join(text.split())  # libpq messages span lines
+
+
+def quote_ident(name: str) -> str:
+    """A double-quoted identifier (names from config are already validated)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+class Watchdog:
+    """Shuts down a connection's socket when a guarded call overruns its deadline.
+
+    `statement_timeout` is enforced by the server, so it cannot end a call to a
+    server that stopped answering; shutting the socket down makes psycopg's
+    wait return with an error at once. One daemon thread, started on first
+    use. Thread-safe: guards from several threads may be armed at once.
+    """
+
+    def __init__(self, name: str = "tagwriter-pg-watchdog") -> None:
+        self.name = name
+        self._cond = threading.Condition()
+        self._armed: dict[int, tuple[float, int]] = {}  # token -> (deadline, fd)
+        self._fired: set[int] = set()
+        self._tokens = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @contextlib.contextmanager
+    def guard(self, conn: psycopg.Connection[Any], seconds: float, what: str) -> Iterator[None]:
+        """Bound the block to `seconds`; raises TransientError(code="TIMEOUT") if it overran."""
+        try:
+            fd = conn.pgconn.socket
+        except psycopg.Error as exc:
+            raise TransientError(f"{what}: connection lost: {_message(exc)}") from None
+        token = next(self._tokens)
+        with self._cond:
+            self._armed[token] = (time.monotonic() + seconds, fd)
+            self._closed = False
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        try:
+            yield
+        except (psycopg.Error, OSError) as exc:
+            if self._take_fired(token):
+                raise TransientError(
+                    f"{what}: no answer within {seconds:g} s (database.call_timeout); "
+                    "connection closed", code="TIMEOUT",
+                ) from exc
+            raise
+        finally:
+            with self._cond:
+                self._armed.pop(token, None)
+                self._fired.discard(token)
+
+    def _take_fired(self, token: int) -> bool:
+        with self._cond:
+            return token in self._fired
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                for token, (deadline, fd) in list(self._armed.items()):
+                    if deadline <= now:
+                        # Under the lock: the guarded block cannot finish (and
+                        # its connection be closed, freeing the fd) meanwhile.
+                        del self._armed[token]
+                        self._fired.add(token)
+                        _shutdown_fd(fd)
+                if self._armed:
+                    self._cond.wait(max(0.0, min(d for d, _ in self._armed.values()) - now))
+                else:
+                    self._cond.wait()
+            self._thread = None  # under the lock: the next guard starts a new thread
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+def _shutdown_fd(fd: int) -> None:
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+class PostgresSink:
+    """A PostgreSQL table. `write_batch`/`open` from one thread; `probe` and the
+    admin methods open their own connections and may run on any thread."""
+
+    kind = "postgresql"
+
+    def __init__(
+        self,
+        *,
+        host: str = "",
+        port: int | None = None,
+        dbname: str = "",
+        user: str = "",
+        password: str = "",
+        spec: TableSpec | None = None,
+        connect_timeout: float = 5.0,
+        call_timeout: float = 10.0,
+        optimistic: bool = True,
+        application_name: str = "tagwriter",
+    ) -> None:
+        self.spec = spec = spec or TableSpec()
+        for name in (spec.table, *spec.columns):
+            if len(name.encode()) > MAX_IDENTIFIER:
+                raise ConfigError(f"database: name {name!r} is longer than PostgreSQL's {MAX_IDENTIFIER} bytes")
+        self.host, self.port, self.dbname, self.user = host, port, dbname, user
+        self._password = password
+        self.connect_timeout = connect_timeout
+        self.call_timeout = call_timeout
+        self.optimistic = optimistic
+        self.application_name = application_name
+        self._conn: psycopg.Connection[Any] | None = None
+        self._dog = Watchdog()
+        self._conflict_mode = 0 if optimistic else -1  # -1: always ON CONFLICT
+        t = quote_ident(spec.table)
+        cols = ", ".join(quote_ident(c) for c in spec.columns)
+        key = f"{quote_ident(spec.tag)}, {quote_ident(spec.ts)}"
+        self._insert_plain = f"INSERT INTO {t} ({cols}) SELECT tag, ts, value, quality FROM pg_temp.{STAGE}"
+        self._insert_upsert = self._insert_plain + f" ON CONFLICT ({key}) DO NOTHING"
+        self._insert_range = (
+            f"INSERT INTO {t} ({cols}) SELECT tag, ts, value, quality FROM pg_temp.{STAGE} "
+            f"WHERE pos >= %s AND pos < %s ON CONFLICT ({key}) DO NOTHING"
+        )
+
+    @classmethod
+    def from_config(cls, config: DatabaseConfig) -> PostgresSink:
+        url = parse_url(config.url)
+        return cls(
+            host=url.host, port=url.port, dbname=url.name,
+            user=config.user or url.user, password=config.password or url.password,
+            spec=TableSpec.from_config(config),
+            connect_timeout=config.connect_timeout, call_timeout=config.call_timeout,
+        )
+
+    def describe(self) -> str:
+        user = f"{self.user}@" if self.user else ""
+        return f"postgresql://{user}{self._where()}/{self.dbname} table {self.spec.table}"
+
+    def _where(self) -> str:
+        return f"{self.host or 'localhost'}:{self.port or 5432}"
+
+    # -- connections -------------------------------------------------------
+
+    def connect_params(self) -> dict[str, Any]:
+        """psycopg.connect keyword arguments, password included: never log them."""
+        call_ms = max(1, round(self.call_timeout * 1000))
+        # The server cancels a slow statement a little before the watchdog
+        # would close the connection, so a merely slow server keeps its session.
+        statement_ms = max(1, round(call_ms * STATEMENT_SHARE))
+        params: dict[str, Any] = {
+            "dbname": self.dbname or None,
+            "user": self.user or None,
+            "password": self._password or None,
+            "host": self.host or None,
+            "port": self.port,
+            "connect_timeout": max(LIBPQ_MIN_CONNECT_TIMEOUT, math.ceil(self.connect_timeout)),
+            "application_name": self.application_name,
+            "options": (
+                f"-c statement_timeout={statement_ms} "
+                f"-c idle_in_transaction_session_timeout={max(1000, 2 * call_ms)}"
+            ),
+            "keepalives": 1,
+            "keepalives_idle": max(1, math.ceil(self.call_timeout)),
+            "keepalives_interval": 1,
+            "keepalives_count": 3,
+            "tcp_user_timeout": call_ms,
+        }
+        return {k: v for k, v in params.items() if v is not None}
+
+    def connect(self, where: str = "connect") -> psycopg.Connection[Any]:
+        """A new session with the timeouts set; raises TransientError/FatalError."""
+        try:
+            return psycopg.connect(**self.connect_params())
+        except psycopg.Error as exc:
+            raise classify(exc, f"{where} to {self._where()}") from None
+        except OSError as exc:  # pragma: no cover - libpq reports these as OperationalError
+            raise TransientError(f"{where} to {self._where()}: {exc}") from None
+
+    @contextlib.contextmanager
+    def _session(self, where: str) -> Iterator[psycopg.Connection[Any]]:
+        """A short-lived connection for probe and admin calls, closed afterwards."""
+        conn = self.connect(where)
+        try:
+            yield conn
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _call(self, conn: psycopg.Connection[Any], where: str) -> contextlib.AbstractContextManager[None]:
+        return self._dog.guard(conn, self.call_timeout, where)
+
+    def open(self) -> None:
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
+            return
+        conn = self.connect("open")
+        where = f"open {self.spec.table}"
+        try:
+            with self._call(conn, where):
+                key = self._table_key(conn)
+                if key is None:
+                    raise FatalError(
+                        f"{where}: table {self.spec.table} does not exist",
+                        code="42P01", hint=_FATAL_HINTS["42P01"],
+                    )
+                if {c for c in key} != {self.spec.tag, self.spec.ts}:
+                    raise FatalError(
+                        f"{where}: table {self.spec.table} has no primary or unique key on "
+                        f"({self.spec.tag}, {self.spec.ts}); found ({', '.join(key) or 'none'})",
+                        code="42P10", hint=_FATAL_HINTS["42P10"],
+                    )
+                conn.execute(_STAGE_DDL)
+                conn.commit()
+        except psycopg.Error as exc:
+            _close_quietly(conn)
+            raise classify(exc, where) from None
+        except SinkError:
+            _close_quietly(conn)
+            raise
+        self._conn = conn
+
+    def _table_key(self, conn: psycopg.Connection[Any]) -> list[str] | None:
+        """Columns of the key ON CONFLICT can use, [] if none; None if no table."""
+        row = conn.execute("SELECT to_regclass(%s)::oid", (quote_ident(self.spec.table),)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        keys = _keys(conn, row[0])
+        want = {self.spec.tag, self.spec.ts}
+        for cols in keys:
+            if set(cols) == want:
+                return cols
+        return keys[0] if keys else []
+
+    def _reset(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            _close_quietly(conn)
+
+    def close(self) -> None:
+        self._reset()
+        self._dog.close()
+
+    # -- writing -----------------------------------------------------------
+
+    def write_batch(self, rows: Sequence[TagValue]) -> WriteResult:
+        if not rows:
+            return WriteResult(0)
+        staged, rejected = _stage_rows(rows)
+        if not staged:
+            return WriteResult(0, 0, rejected)
+        self.open()
+        conn = self._conn
+        assert conn is not None
+        where = f"write to {self.spec.table}"
+        try:
+            try:
+                with self._call(conn, where):
+                    written = self._write_staged(conn, staged)
+                return WriteResult(written, len(staged) - written, rejected)
+            except psycopg.Error as exc:
+                if not is_row_error(exc):
+                    raise
+                first = exc
+            self._rollback(conn, where)
+            log.info("batch of %d hit a row error (%s %s): isolating the bad rows",
+                     len(staged), first.sqlstate, _message(first))
+            result = self._isolate(conn, staged, where)
+            result.rejected = sorted(rejected + result.rejected, key=lambda e: e.index)
+            return result
+        except psycopg.Error as exc:
+            self._reset()
+            raise classify(exc, where) from None
+        except SinkError:
+            self._reset()
+            raise
+
+    def _write_staged(self, conn: psycopg.Connection[Any], staged: list[tuple[Any, ...]]) -> int:
+        """COPY + INSERT + commit; the number of rows inserted."""
+        with conn.cursor() as cur:
+            if self._conflict_mode == 0:
+                self._copy(cur, staged)
+                try:
+                    cur.execute(self._insert_plain)
+                    written = cur.rowcount
+                    conn.commit()
+                    return written
+                except psycopg.errors.UniqueViolation:
+                    # A row is there already: redo the batch with ON CONFLICT.
+                    conn.rollback()
+                    self._conflict_mode = CONFLICT_MODE_BATCHES
+            self._copy(cur, staged)
+            cur.execute(self._insert_upsert)
+            written = cur.rowcount
+            conn.commit()
+        if self._conflict_mode > 0 and written == len(staged):
+            self._conflict_mode -= 1
+        return written
+
+    @staticmethod
+    def _copy(cur: psycopg.Cursor[Any], staged: list[tuple[Any, ...]]) -> None:
+        with cur.copy(_COPY) as copy:
+            copy.set_types(_COPY_TYPES)
+            write = copy.write_row
+            for row in staged:
+                write(row)
+
+    def _rollback(self, conn: psycopg.Connection[Any], where: str) -> None:
+        with self._call(conn, where):
+            conn.rollback()
+
+    def _isolate(self, conn: psycopg.Connection[Any], staged: list[tuple[Any, ...]], where: str) -> WriteResult:
+        """Insert the batch range by range under savepoints; bisect failing ranges."""
+        rejected: list[RowError] = []
+        written = 0
+        with conn.cursor() as cur:
+            with self._call(conn, where):
+                self._copy(cur, staged)
+            pending = [(0, len(staged))]
+            while pending:
+                lo, hi = pending.pop()
+                with self._call(conn, where):
+                    cur.execute("SAVEPOINT tagwriter_rows")
+                    try:
+                        cur.execute(self._insert_range, (lo, hi))
+                    except psycopg.Error as exc:
+                        if not is_row_error(exc):
+                            raise
+                        cur.execute("ROLLBACK TO SAVEPOINT tagwriter_rows")
+                        if hi - lo == 1:
+                            rejected.append(RowError(staged[lo][0], exc.sqlstate or "", _message(exc)))
+                        else:
+                            mid = (lo + hi) // 2
+                            pending += [(mid, hi), (lo, mid)]
+                        continue
+                    written += cur.rowcount
+                    cur.execute("RELEASE SAVEPOINT tagwriter_rows")
+            with self._call(conn, where):
+                conn.commit()
+        good = len(staged) - len(rejected)
+        return WriteResult(written, good - written, rejected)
+
+    # -- checks ------------------------------------------------------------
+
+    def probe(self) -> None:
+        where = f"probe {self._where()}"
+        with self._session(where) as conn:
+            try:
+                with self._call(conn, where):
+                    conn.execute(f"SELECT 1 FROM {quote_ident(self.spec.table)} LIMIT 0")
+            except psycopg.Error as exc:
+                raise classify(exc, where) from None
+
+    def reach(self) -> str:
+        """TCP connect to the server (no login); returns host:port."""
+        port = self.port or 5432
+        host = self.host or "localhost"
+        if host.startswith("/"):
+            path = os.path.join(host, f".s.PGSQL.{port}")
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(self.connect_timeout)
+                    s.connect(path)
+            except OSError as exc:
+                raise TransientError(f"cannot reach {path}: {exc.strerror or exc}",
+                                     hint="is PostgreSQL running?") from None
+            return path
+        try:
+            with socket.create_connection((host, port), timeout=self.connect_timeout):
+                pass
+        except TimeoutError:
+            raise TransientError(f"cannot reach {host}:{port}: no answer within {self.connect_timeout:g} s",
+                                 hint="check the host, port and firewalls") from None
+        except OSError as exc:
+            raise TransientError(f"cannot reach {host}:{port}: {exc.strerror or exc}",
+                                 hint="is PostgreSQL running and listening on that address?") from None
+        return f"{host}:{port}"
+
+    def login(self) -> None:
+        with self._session("log in"):
+            pass
+
+    def server_version(self) -> str:
+        where = "server version"
+        with self._session(where) as conn:
+            return f"PostgreSQL {conn.info.parameter_status('server_version') or conn.info.server_version}"
+
+    def ping(self) -> None:
+        where = f"ping {self._where()}"
+        with self._session(where) as conn:
+            try:
+                with self._call(conn, where):
+                    conn.execute("SELECT 1")
+            except psycopg.Error as exc:
+                raise classify(exc, where) from None
+
+    def ddl(self, *, read_index: bool = False, partition_by_day: bool = False) -> list[str]:
+        """CREATE statements for DESIGN.md's table.
+
+        `read_index` adds a BRIN index on ts for "all tags over a time range"
+        (the key already serves one tag over a time range). `partition_by_day`
+        makes the table range-partitioned by ts with a DEFAULT partition and
+        daily partitions from today (UTC) for 8 days; run init-db daily to add
+        the next ones.
+        """
+        s = self.spec
+        t = quote_ident(s.table)
+        stmts = [
+            f"CREATE TABLE IF NOT EXISTS {t} (\n"
+            f"    {quote_ident(s.tag)} text NOT NULL,\n"
+            f"    {quote_ident(s.ts)} timestamptz NOT NULL,\n"
+            f"    {quote_ident(s.value)} double precision,\n"
+            f"    {quote_ident(s.quality)} smallint,\n"
+            f"    PRIMARY KEY ({quote_ident(s.tag)}, {quote_ident(s.ts)})\n"
+            f")" + (f" PARTITION BY RANGE ({quote_ident(s.ts)})" if partition_by_day else "")
+        ]
+        if partition_by_day:
+            stmts.append(f"CREATE TABLE IF NOT EXISTS {quote_ident(self._name('_default'))} "
+                         f"PARTITION OF {t} DEFAULT")
+            today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+            for d in range(8):
+                lo = today + timedelta(days=d)
+                hi = lo + timedelta(days=1)
+                stmts.append(
+                    f"CREATE TABLE IF NOT EXISTS {quote_ident(self._name(f'_p{lo:%Y%m%d}'))} "
+                    f"PARTITION OF {t} FOR VALUES FROM ('{lo.isoformat()}') TO ('{hi.isoformat()}')"
+                )
+        if read_index:
+            stmts.append(f"CREATE INDEX IF NOT EXISTS {quote_ident(self._name('_ts_brin'))} "
+                         f"ON {t} USING brin ({quote_ident(s.ts)})")
+        return stmts
+
+    def _name(self, suffix: str) -> str:
+        name = self.spec.table + suffix
+        if len(name.encode()) > MAX_IDENTIFIER:
+            raise ConfigError(f"database.table = {self.spec.table!r}: too long to derive {suffix!r} names",
+                              hint=f"PostgreSQL names have at most {MAX_IDENTIFIER} bytes")
+        return name
+
+    def create_table(self, *, read_index: bool = False, partition_by_day: bool = False) -> None:
+        where = f"create table {self.spec.table}"
+        stmts = self.ddl(read_index=read_index, partition_by_day=partition_by_day)
+        with self._session(where) as conn:
+            try:
+                with self._call(conn, where):
+                    for stmt in stmts:
+                        conn.execute(stmt)
+                    conn.commit()
+            except psycopg.Error as exc:
+                raise classify(exc, where) from None
+
+    def inspect_table(self) -> TableInfo | None:
+        where = f"inspect table {self.spec.table}"
+        with self._session(where) as conn:
+            try:
+                with self._call(conn, where):
+                    row = conn.execute("SELECT to_regclass(%s)::oid",
+                                       (quote_ident(self.spec.table),)).fetchone()
+                    if row is None or row[0] is None:
+                        return None
+                    oid = row[0]
+                    cols = conn.execute(
+                        "SELECT attname, format_type(atttypid, atttypmod), NOT attnotnull "
+                        "FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped "
+                        "ORDER BY attnum", (oid,),
+                    ).fetchall()
+                    keys = _keys(conn, oid)
+            except psycopg.Error as exc:
+                raise classify(exc, where) from None
+        return TableInfo([ColumnInfo(n, t, bool(nullable)) for n, t, nullable in cols],
+                         keys[0] if keys else [])
+
+    def table_differences(self, info: TableInfo) -> list[str]:
+        """How `info` differs from DESIGN.md's PostgreSQL table ([] = writable as tagwriter expects)."""
+        s = self.spec
+
+        def starts(*types: str) -> Callable[[str], bool]:
+            return lambda t: t.startswith(types)
+
+        rules = [
+            ColumnRule(s.tag, "text", starts("text", "character varying"), False),
+            ColumnRule(s.ts, "timestamptz", starts("timestamp with time zone"), False),
+            ColumnRule(s.value, "double precision", starts("double precision"), None),
+            ColumnRule(s.quality, "smallint", starts("smallint", "integer", "bigint"), None),
+        ]
+        return table_differences(info, rules, (s.tag, s.ts), fold=str)
+
+    def try_insert(self) -> None:
+        where = f"insert into {self.spec.table}"
+        s = self.spec
+        stmt = (
+            f"INSERT INTO {quote_ident(s.table)} ({', '.join(quote_ident(c) for c in s.columns)}) "
+            f"VALUES ('__tagwriter_probe__', now(), NULL, 0) "
+            f"ON CONFLICT ({quote_ident(s.tag)}, {quote_ident(s.ts)}) DO NOTHING"
+        )
+        with self._session(where) as conn:
+            try:
+                with self._call(conn, where):
+                    try:
+                        conn.execute(stmt)
+                    except psycopg.Error as exc:
+                        # A constraint rejecting the probe row runs after the
+                        # privilege check: the insert privilege is proven.
+                        if not is_row_error(exc):
+                            raise
+                    conn.rollback()
+            except psycopg.Error as exc:
+                raise classify(exc, where) from None
+
+
+def _keys(conn: psycopg.Connection[Any], oid: int) -> list[list[str]]:
+    """Column lists of the primary key (first) and unique indexes of a table."""
+    rows = conn.execute(
+        "SELECT array(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) "
+        "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum ORDER BY k.ord) "
+        "FROM pg_index i WHERE i.indrelid = %s AND (i.indisprimary OR i.indisunique) "
+        "AND i.indpred IS NULL AND i.indexprs IS NULL "
+        "ORDER BY i.indisprimary DESC, i.indexrelid", (oid,),
+    ).fetchall()
+    return [list(r[0]) for r in rows]
+
+
+def _stage_rows(rows: Sequence[TagValue]) -> tuple[list[tuple[Any, ...]], list[RowError]]:
+    """COPY tuples `(pos, tag, ts, value, quality)` and the rows refused before sending.
+
+    `pos` is the row's index in the batch. Refused here: what PostgreSQL
+    cannot store at all and would fail the whole COPY (NUL or unencodable text,
+    a timestamp outside timestamptz's range, a non-number).
+    """
+    staged: list[tuple[Any, ...]] = []
+    rejected: list[RowError] = []
+    for pos, (tag, ts_us, value, quality) in enumerate(rows):
+        if (
+            type(tag) is str and type(ts_us) is int and type(quality) is int
+            and (value is None or type(value) is float)
+            and TS_MIN_US <= ts_us < TS_END_US and _INT8_MIN <= quality <= _INT8_MAX
+            and (tag.isascii() and "\x00" not in tag)
+        ):
+            staged.append((pos, tag, ts_us - PG_EPOCH_US, value, quality))
+            continue
+        error = _row_problem(pos, tag, ts_us, value, quality)
+        if error is None:  # a non-ASCII tag, an int value, ...: fine after all
+            staged.append((pos, tag, ts_us - PG_EPOCH_US, None if value is None else float(value), quality))
+        else:
+            rejected.append(error)
+    return staged, rejected
+
+
+def _row_problem(pos: int, tag: Any, ts_us: Any, value: Any, quality: Any) -> RowError | None:
+    if not isinstance(tag, str):
+        return RowError(pos, "22P02", f"tag_name is not text: {tag!r}")
+    if "\x00" in tag:
+        return RowError(pos, "22021", "tag_name contains a NUL character")
+    try:
+        tag.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return RowError(pos, "22021", f"tag_name is not valid UTF-8 text: {exc.reason}")
+    if not isinstance(ts_us, int) or isinstance(ts_us, bool):
+        return RowError(pos, "22P02", f"timestamp is not integer microseconds: {ts_us!r}")
+    if not TS_MIN_US <= ts_us < TS_END_US:
+        return RowError(pos, "22008", "timestamp out of range for timestamptz")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return RowError(pos, "22P02", f"value is not a number: {value!r}")
+    if isinstance(value, int) and not -(2**1023) < value < 2**1023:
+        return RowError(pos, "22003", "value out of range for double precision")
+    if not isinstance(quality, int) or isinstance(quality, bool):
+        return RowError(pos, "22P02", f"quality is not an integer: {quality!r}")
+    if not _INT8_MIN <= quality <= _INT8_MAX:
+        return RowError(pos, "22003", "quality out of range for smallint")
+    return None
+
+
+def _close_quietly(conn: psycopg.Connection[Any]) -> None:
+    with contextlib.suppress(Exception):
+        conn.close()
+
+
+__all__ = ["PostgresSink", "Watchdog", "classify", "is_row_error", "quote_ident"]
