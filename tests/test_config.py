@@ -1,0 +1,243 @@
+"""Configuration: precedence, every error class (library and CLI), config init/show/validate, README reference."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tagwriter import config as config_mod
+from tagwriter.cli.app import app
+from tagwriter.cli.config_cmd import commented_toml
+from tagwriter.config import Config, load
+from tagwriter.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No TAGWRITER_* from the outside, and a folder without ./tagwriter.toml."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("TAGWRITER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# -- precedence ----------------------------------------------------------------
+
+
+def test_precedence_defaults_file_env_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "[writer]\nbatch_size = 100\nflush_interval = 2.0\n[buffer]\ncapacity = 5000\n")
+    env = {"TAGWRITER_WRITER_BATCH_SIZE": "200", "TAGWRITER_WRITER_FLUSH_INTERVAL": "3"}
+    c = load(path, env=env, overrides={"writer.batch_size": 300})
+    assert c.writer.batch_size == 300  # flag beats env
+    assert c.writer.flush_interval == 3.0  # env beats file
+    assert c.buffer.capacity == 5000  # file beats default
+    assert c.writer.shutdown_timeout == 10.0  # default
+
+
+def test_default_path_is_used_when_present(tmp_path: Path) -> None:
+    assert load(env={}).writer.batch_size == 500
+    write(tmp_path, "[writer]\nbatch_size = 42\n", "tagwriter.toml")
+    assert load(env={}).writer.batch_size == 42
+
+
+def test_env_list_and_bool_values(tmp_path: Path) -> None:
+    c = load(None, env={"TAGWRITER_WRITER_RETRY_DELAYS": "0.5, 1,2", "TAGWRITER_BACKUP_AUTO_REPLAY": "off"})
+    assert c.writer.retry_delays == [0.5, 1.0, 2.0]
+    assert c.backup.auto_replay is False
+
+
+# -- every error class, at the library -----------------------------------------
+
+
+ERRORS = [
+    ("[writr]\nx = 1\n", {}, r"c\.toml: unknown section \[writr\] \(did you mean 'writer'\?\)"),
+    ("[writer]\nbatchsize = 1\n", {}, r"unknown key writer\.batchsize \(did you mean 'batch_size'\?\)"),
+    ('[writer]\nbatch_size = "ten"\n', {}, r'writer\.batch_size = "ten": must be an integer'),
+    ("[writer]\nbatch_size = 0\n", {}, r"writer\.batch_size = 0: must be between 1 and 10000"),
+    ("[writer]\nretry_delays = [1, -2]\n", {}, r"writer\.retry_delays = \[1\.0, -2\.0\]: must be between 0 and 3600"),
+    ('[buffer]\noverflow_policy = "drop-old"\n', {},
+     r"buffer\.overflow_policy = \"drop-old\": must be one of drop-oldest, spill, block \(did you mean 'drop-oldest'"),
+    ('[database]\ntable = "x; drop table y"\n', {}, r"database\.table = .*: not a valid SQL identifier"),
+    ("[buffer]\ncapacity = 100\n[writer]\nbatch_size = 500\n", {},
+     r"writer\.batch_size = 500: must not exceed buffer\.capacity = 100"),
+    ('[database]\nurl = "mysql://x"\n', {}, r"database\.url = 'mysql://x': unknown database kind"),
+    ("[writer]\nbatch_size = 10\nflush = [\n", {}, r"c\.toml:3: TOML syntax error"),
+    ("[writer]\nbatch_size = = 1\n", {}, r"c\.toml:2: TOML syntax error"),
+    ("", {"TAGWRITER_WRITER_BATCH_SIZE": "many"},
+     r"environment TAGWRITER_WRITER_BATCH_SIZE = 'many': must be an integer"),
+    ("", {"TAGWRITER_WRITER_BATCHSIZE": "5"}, r"environment TAGWRITER_WRITER_BATCHSIZE: unknown key .*did you mean"),
+    ("", {"TAGWRITER_NOPE_X": "5"}, r"environment TAGWRITER_NOPE_X: no config section matches"),
+    ("", {"TAGWRITER_BACKUP_AUTO_REPLAY": "maybe"}, r"TAGWRITER_BACKUP_AUTO_REPLAY = 'maybe': must be true or false"),
+]
+
+
+@pytest.mark.parametrize(("text", "env", "pattern"), ERRORS)
+def test_error_names_the_key_and_what_is_allowed(tmp_path: Path, text: str, env: dict[str, str], pattern: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, text), env=env)
+    message = str(info.value)
+    assert re.search(pattern, message), message
+    assert "\n" not in message
+
+
+def test_missing_file_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.toml: no such config file") as info:
+        load(tmp_path / "nope.toml", env={})
+    assert "config init" in info.value.hint
+
+
+def test_secret_values_never_appear_in_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(write(tmp_path, "[database]\npassword = 12345\n"), env={})
+    assert "12345" not in str(info.value)
+    assert "database.password = ***: must be a string" in str(info.value)
+
+
+# -- every error class, at the CLI: one line on stderr, exit 1, no traceback ------
+
+
+@pytest.mark.parametrize(("text", "env", "pattern"), ERRORS)
+def test_cli_reports_config_errors_in_one_line(tmp_path: Path, text: str, env: dict[str, str], pattern: str) -> None:
+    path = write(tmp_path, text)
+    for args in (["--config", str(path), "config", "validate"], ["--config", str(path), "run", "--duration", "1"]):
+        result = runner.invoke(app, args, env=env)
+        assert result.exit_code == 1, result.output
+        first = result.stderr.splitlines()[0]
+        assert first.startswith("error: ") and re.search(pattern, first), result.stderr
+        assert "Traceback" not in result.output and "Traceback" not in result.stderr
+        assert len(result.stderr.splitlines()) <= 2  # the error, and at most a hint
+
+
+def test_cli_missing_config_file(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["--config", str(tmp_path / "missing.toml"), "config", "show"])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [f"error: {tmp_path / 'missing.toml'}: no such config file",
+                                          "hint: tagwriter config init writes one"]
+
+
+def test_cli_config_from_env_variable(tmp_path: Path) -> None:
+    path = write(tmp_path, "[writer]\nbatch_size = 77\n")
+    result = runner.invoke(app, ["config", "show"], env={"TAGWRITER_CONFIG": str(path)})
+    assert result.exit_code == 0
+    assert tomllib.loads(result.stdout)["writer"]["batch_size"] == 77
+
+
+# -- config init ---------------------------------------------------------------
+
+
+def test_config_init_writes_every_key_with_comments_and_loads_back(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["config", "init"])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "tagwriter.toml").read_text()
+    data = tomllib.loads(text)
+    assert data == Config().to_dict(redact=False)
+    for key, _default, help_text in config_mod.describe():
+        section, name = key.split(".")
+        assert name in data[section]
+        assert f"# {help_text}" in text
+    assert load(tmp_path / "tagwriter.toml", env={}) == Config()
+
+
+def test_config_init_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    target = write(tmp_path, "# mine\n", "mine.toml")
+    result = runner.invoke(app, ["config", "init", str(target)])
+    assert result.exit_code == 1
+    assert "already exists; not overwritten" in result.stderr and "--force" in result.stderr
+    assert target.read_text() == "# mine\n"
+    result = runner.invoke(app, ["config", "init", str(target), "--force"])
+    assert result.exit_code == 0
+    assert tomllib.loads(target.read_text())["writer"]["batch_size"] == 500
+
+
+def test_config_init_into_a_missing_folder_fails_cleanly(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["config", "init", str(tmp_path / "no" / "such" / "dir.toml")])
+    assert result.exit_code == 1
+    assert "cannot write" in result.stderr
+
+
+def test_commented_toml_never_writes_secrets() -> None:
+    secret = Config().replace(database=config_mod.DatabaseConfig(password="hunter2", wallet_password="w4llet"))
+    text = commented_toml(secret)
+    assert "hunter2" not in text and "w4llet" not in text
+
+
+# -- config show ---------------------------------------------------------------
+
+
+def test_config_show_prints_the_merged_config_with_secrets_redacted(tmp_path: Path) -> None:
+    path = write(tmp_path, '[database]\nurl = "postgresql://app:filepass@db:5432/plant"\nwallet_password = "w4llet"\n'
+                           "[writer]\nbatch_size = 250\n")
+    result = runner.invoke(
+        app, ["--config", str(path), "--log-level", "debug", "config", "show"],
+        env={"TAGWRITER_DATABASE_PASSWORD": "envsecret", "TAGWRITER_BUFFER_CAPACITY": "9000"},
+    )
+    assert result.exit_code == 0, result.output
+    for secret in ("filepass", "envsecret", "w4llet"):
+        assert secret not in result.output
+    data = tomllib.loads(result.stdout)
+    assert data["database"]["url"] == "postgresql://app:***@db:5432/plant"
+    assert data["database"]["password"] == "***"
+    assert data["database"]["wallet_password"] == "***"
+    assert data["writer"]["batch_size"] == 250  # file
+    assert data["buffer"]["capacity"] == 9000  # env
+    assert data["logging"]["level"] == "DEBUG"  # global flag
+    assert data["writer"]["shutdown_timeout"] == 10.0  # default
+    assert result.stdout.startswith(f"# effective config: {path} + environment TAGWRITER_BUFFER_CAPACITY, ")
+
+
+def test_config_show_without_a_file_says_defaults() -> None:
+    result = runner.invoke(app, ["config", "show"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("# effective config: built-in defaults\n")
+    assert tomllib.loads(result.stdout) == Config().to_dict()
+
+
+# -- config validate -------------------------------------------------------------
+
+
+def test_config_validate_ok_and_path_argument(tmp_path: Path) -> None:
+    path = write(tmp_path, '[database]\nurl = "sqlite:///x.db"\n')
+    result = runner.invoke(app, ["config", "validate", str(path)])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"ok: {path} is valid (database sqlite:///x.db, source simulate)"
+    bad = write(tmp_path, "[writer]\nbatch_size = -1\n", "bad.toml")
+    # The argument wins over --config.
+    result = runner.invoke(app, ["--config", str(path), "config", "validate", str(bad)])
+    assert result.exit_code == 1
+    assert "writer.batch_size = -1" in result.stderr
+
+
+def test_config_validate_applies_the_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "[buffer]\ncapacity = 1000\n")
+    result = runner.invoke(app, ["config", "validate", str(path)], env={"TAGWRITER_WRITER_BATCH_SIZE": "5000"})
+    assert result.exit_code == 1
+    assert "writer.batch_size = 5000: must not exceed buffer.capacity = 1000" in result.stderr
+
+
+# -- README ------------------------------------------------------------------------
+
+
+def test_readme_reference_lists_every_key_with_its_default() -> None:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("## Configuration reference")
+    table = readme[start:readme.index("\n## ", start + 1)]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z_]+\.[a-z_]+)` \| `([^`]*)` \|", table, re.M)}
+    missing = [key for key, _, _ in config_mod.describe() if key not in rows]
+    assert not missing, f"README.md Configuration reference lacks {missing}; regenerate it from config.describe()"
+    wrong = [key for key, default, _ in config_mod.describe() if rows[key] != default]
+    assert not wrong, f"README.md shows other defaults for {wrong}"

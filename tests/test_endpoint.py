@@ -1,0 +1,312 @@
+"""The HTTP metrics endpoint against a running pipeline writing to a real SQLite file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tagwriter.config import BackupConfig, BufferConfig, Config, DatabaseConfig, MetricsConfig, WriterConfig
+from tagwriter.endpoint import PROMETHEUS_LATENCY_BOUNDS, MetricsServer, health
+from tagwriter.errors import ConfigError
+from tagwriter.metrics import LATENCY_BOUNDS, MetricsSnapshot
+from tagwriter.models import PollingData
+from tagwriter.pipeline import Pipeline
+from tagwriter.sinks.memory import MemorySink
+from tagwriter.sinks.sqlite import SqliteSink
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def make_config(tmp_path: Path, **sections: object) -> Config:
+    cfg = Config(
+        database=DatabaseConfig(url=f"sqlite:///{tmp_path / 'tags.db'}"),
+        backup=BackupConfig(directory=str(tmp_path / "backup"),
+                            quarantine_directory=str(tmp_path / "backup" / "quarantine")),
+        writer=WriterConfig(batch_size=100, flush_interval=0.05, retry_delays=[0.01, 0.01],
+                            probe_interval=0.05, probe_max_interval=0.1, shutdown_timeout=5.0),
+    )
+    return dataclasses.replace(cfg, **sections)
+
+
+def polls(n_groups: int, tags: int = 10, start: int = 0) -> Iterator[PollingData]:
+    for g in range(start, start + n_groups):
+        ts = T0 + timedelta(seconds=g)
+        yield PollingData("line1", ts, {f"line1.tag{t}": float(g * t) for t in range(tags)})
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.01)
+
+
+def get(url: str, method: str = "GET") -> tuple[int, str, dict[str, str]]:
+    """(status, body, headers) for any status, with a bounded timeout."""
+    req = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.read().decode(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode(), dict(exc.headers)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[tuple[Pipeline, MetricsServer]]:
+    pipeline = Pipeline(make_config(tmp_path)).start()
+    server = MetricsServer(pipeline, port=0).start()
+    try:
+        yield pipeline, server
+    finally:
+        server.stop(1.0)
+        pipeline.stop(5.0)
+
+
+def test_json_matches_the_snapshot_after_a_flush(running: tuple[Pipeline, MetricsServer]) -> None:
+    pipeline, server = running
+    for data in polls(25):
+        pipeline.submit(data)
+    assert pipeline.flush(5.0)
+    status, body, headers = get(server.url + "/api/buffer/metrics")
+    snap = pipeline.snapshot()
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    data = json.loads(body)
+    assert set(data) == {f.name for f in dataclasses.fields(MetricsSnapshot)}
+    moving = {"uptime_s", "rate_in_per_s", "rate_out_per_s"}  # change between two reads
+    for key, value in snap.as_dict().items():
+        if key not in moving:
+            assert data[key] == value, key
+    assert data["submitted"] == data["written"] == 250
+    assert data["state"] == "writing"
+    assert data["batches_ok"] >= 3 and data["batches_failed"] == 0
+    assert 0 < data["uptime_s"] <= snap.uptime_s
+    # The JSON rebuilds the snapshot (what `tagwriter status` does).
+    assert MetricsSnapshot(**data).accounted == 250
+
+
+def test_prometheus_output_parses_with_the_right_types(running: tuple[Pipeline, MetricsServer]) -> None:
+    pipeline, server = running
+    for data in polls(30):
+        pipeline.submit(data)
+    assert pipeline.flush(5.0)
+    status, body, headers = get(server.url + "/metrics")
+    snap = pipeline.snapshot()
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain; version=")
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    types = {name: f.type for name, f in families.items()}
+    for name in ("tagwriter_rows_written", "tagwriter_rows_duplicate", "tagwriter_rows_spooled",
+                 "tagwriter_rows_quarantined", "tagwriter_values_dropped", "tagwriter_values_submitted",
+                 "tagwriter_batches", "tagwriter_retries", "tagwriter_outages"):
+        assert types[name] == "counter", name
+    for name in ("tagwriter_buffer_values", "tagwriter_buffer_capacity_values", "tagwriter_buffer_utilization_ratio",
+                 "tagwriter_write_latency_seconds", "tagwriter_write_batch_size_values", "tagwriter_backup_files",
+                 "tagwriter_backup_bytes", "tagwriter_writer_state", "tagwriter_uptime_seconds",
+                 "tagwriter_overflow_ratio_1h", "tagwriter_backlog_rows", "tagwriter_backlog_files"):
+        assert types[name] == "gauge", name
+    assert types["tagwriter_end_to_end_latency_seconds"] == "histogram"
+
+    def value(family: str, sample: str | None = None, **labels: str) -> float:
+        for s in families[family].samples:
+            if s.name == (sample or family) and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+        raise AssertionError(f"no sample {sample or family} {labels}")
+
+    assert value("tagwriter_rows_written", "tagwriter_rows_written_total") == snap.written == 300
+    assert value("tagwriter_values_submitted", "tagwriter_values_submitted_total") == 300
+    assert value("tagwriter_batches", "tagwriter_batches_total", result="ok") == snap.batches_ok
+    assert value("tagwriter_batches", "tagwriter_batches_total", result="failed") == 0
+    assert value("tagwriter_values_dropped", "tagwriter_values_dropped_total", reason="overflow") == 0
+    assert value("tagwriter_buffer_capacity_values") == snap.buffer_capacity
+    assert value("tagwriter_buffer_utilization_ratio") == snap.buffer_utilization_pct / 100
+    assert value("tagwriter_writer_state", state="writing") == 1
+    assert value("tagwriter_writer_state", state="outage") == 0
+
+    hist = families["tagwriter_end_to_end_latency_seconds"]
+    buckets = [(s.labels["le"], s.value) for s in hist.samples if s.name.endswith("_bucket")]
+    counts = [c for _, c in buckets]
+    assert counts == sorted(counts), "buckets must be cumulative"
+    assert buckets[-1] == ("+Inf", 300)
+    assert value("tagwriter_end_to_end_latency_seconds", "tagwriter_end_to_end_latency_seconds_count") == 300
+    assert value("tagwriter_end_to_end_latency_seconds", "tagwriter_end_to_end_latency_seconds_sum") > 0
+    assert len(buckets) == len(PROMETHEUS_LATENCY_BOUNDS) + 1
+
+
+def test_histogram_buckets_are_exact_subsets_of_the_latency_bounds(running: tuple[Pipeline, MetricsServer]) -> None:
+    pipeline, server = running
+    assert all(b in LATENCY_BOUNDS for b in PROMETHEUS_LATENCY_BOUNDS)
+    # Values at known latencies: 3 below 1 ms-ish bounds, 2 between 0.1 s and 0.3 s, 1 above 10,000 s.
+    for seconds, weight in ((0.0005, 3), (0.2, 2), (20_000.0, 1)):
+        pipeline.metrics.latency.add(seconds, weight)
+    families = {f.name: f for f in text_string_to_metric_families(get(server.url + "/metrics")[1])}
+    le = {s.labels["le"]: s.value for s in families["tagwriter_end_to_end_latency_seconds"].samples
+          if s.name.endswith("_bucket")}
+    assert le["0.001"] == 3
+    assert le["0.1"] == 3
+    assert le["0.31622776601683794"] == 5
+    assert le["10000.0"] == 5
+    assert le["+Inf"] == 6
+
+
+def test_healthz_503_in_outage_and_200_after_recovery(tmp_path: Path) -> None:
+    sink = MemorySink(inner=SqliteSink(tmp_path / "tags.db"))
+    with Pipeline(make_config(tmp_path), sink=sink) as pipeline:
+        server = MetricsServer(pipeline, port=0).start()
+        try:
+            wait_until(lambda: pipeline.snapshot().state == "writing")
+            assert get(server.url + "/healthz")[:2] == (200, "ok: writing\n")
+            sink.go_down()
+            for data in polls(5):
+                pipeline.submit(data)
+            wait_until(lambda: pipeline.snapshot().state == "outage")
+            status, body, _ = get(server.url + "/healthz")
+            assert status == 503
+            assert body.startswith("unhealthy: outage: the database is unreachable")
+            assert "database down (injected)" in body
+            sink.come_up()
+            wait_until(lambda: pipeline.snapshot().state == "writing")
+            assert get(server.url + "/healthz")[:2] == (200, "ok: writing\n")
+        finally:
+            server.stop(1.0)
+
+
+def test_healthz_503_when_the_buffer_is_above_the_threshold(tmp_path: Path) -> None:
+    sink = MemorySink(inner=SqliteSink(tmp_path / "tags.db"))
+    cfg = make_config(tmp_path, buffer=BufferConfig(capacity=100),
+                      writer=WriterConfig(batch_size=10, flush_interval=0.01))
+    with Pipeline(cfg, sink=sink) as pipeline:
+        server = MetricsServer(pipeline, port=0, health_max_buffer_pct=50.0).start()
+        try:
+            sink.block()
+            pipeline.submit(next(polls(1, tags=10)))
+            assert sink.blocked.wait(5.0)  # the writer holds those 10 at the gate
+            pipeline.submit(next(polls(1, tags=60, start=1)))
+            status, body, _ = get(server.url + "/healthz")
+            assert status == 503
+            assert body == ("unhealthy: writing: buffer 60.0% full "
+                            "(above metrics.health_max_buffer_pct = 50%)\n")
+            sink.release()
+            assert pipeline.flush(5.0)
+            assert get(server.url + "/healthz")[0] == 200
+        finally:
+            sink.release()
+            server.stop(1.0)
+
+
+def test_health_for_every_state() -> None:
+    base = MetricsSnapshot(**{f.name: 0 for f in dataclasses.fields(MetricsSnapshot)
+                              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+                           | {"state": "writing", "last_error": "", "dropped_by_reason": {}, "spool_full": False})
+    assert health(base, 80.0) == (True, "writing")
+    assert health(dataclasses.replace(base, buffer_utilization_pct=80.0), 80.0)[0] is True
+    assert health(dataclasses.replace(base, buffer_utilization_pct=80.1), 80.0)[0] is False
+    for state in ("starting", "retrying", "outage", "failed", "stopping", "stopped"):
+        ok, reason = health(dataclasses.replace(base, state=state, last_error="ORA-12541"), 80.0)
+        assert ok is False and reason.startswith(state + ": ")
+        assert ("ORA-12541" in reason) == (state in ("retrying", "outage", "failed"))
+
+
+def test_unknown_path_method_and_head(running: tuple[Pipeline, MetricsServer]) -> None:
+    _, server = running
+    status, body, _ = get(server.url + "/nope")
+    assert status == 404 and "/api/buffer/metrics" in body
+    status, _, headers = get(server.url + "/healthz", method="POST")
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
+    status, body, headers = get(server.url + "/api/buffer/metrics", method="HEAD")
+    assert status == 200 and body == "" and int(headers["Content-Length"]) > 100
+    assert get(server.url + "/metrics?x=1")[0] == 200  # a query string does not change the path
+
+
+def test_binds_loopback_by_default_and_logs_nothing_per_request_at_info(
+    running: tuple[Pipeline, MetricsServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, server = running
+    assert server.address[0] == "127.0.0.1"
+    assert server.url == f"http://127.0.0.1:{server.port}"
+    with caplog.at_level(logging.INFO, logger="tagwriter"):
+        for path in ("/healthz", "/metrics", "/api/buffer/metrics", "/nope"):
+            get(server.url + path)
+    assert [r for r in caplog.records if r.name == "tagwriter.endpoint"] == []
+
+
+def test_stop_is_bounded_even_with_an_idle_client_connected(tmp_path: Path) -> None:
+    with Pipeline(make_config(tmp_path)) as pipeline:
+        server = MetricsServer(pipeline, port=0).start()
+        idle = socket.create_connection(("127.0.0.1", server.port), timeout=5)  # connects, never sends
+        try:
+            t0 = time.monotonic()
+            assert server.stop(timeout=1.0) is True
+            assert time.monotonic() - t0 < 1.5
+            with pytest.raises(urllib.error.URLError):
+                urllib.request.urlopen(server.url + "/healthz", timeout=2)
+        finally:
+            idle.close()
+
+
+def test_pipeline_serves_while_running_when_metrics_port_is_set(tmp_path: Path) -> None:
+    port = free_port()
+    pipeline = Pipeline(make_config(tmp_path, metrics=MetricsConfig(port=port)))
+    assert pipeline.metrics_server is None
+    pipeline.start()
+    try:
+        assert pipeline.metrics_server is not None and pipeline.metrics_server.port == port
+        wait_until(lambda: pipeline.snapshot().state == "writing")
+        assert get(f"http://127.0.0.1:{port}/healthz")[:2] == (200, "ok: writing\n")
+    finally:
+        t0 = time.monotonic()
+        pipeline.stop(5.0)
+    assert time.monotonic() - t0 < 5.0
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_a_taken_port_fails_start_before_anything_runs(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        pipeline = Pipeline(make_config(tmp_path, metrics=MetricsConfig(port=port)))
+        with pytest.raises(ConfigError, match=rf"metrics.port = {port}: cannot listen on 127.0.0.1:{port}"):
+            pipeline.start()
+        assert not pipeline.running
+        assert not pipeline.writer.alive
+        assert pipeline.stop(1.0) is True
+
+
+def test_requests_are_served_concurrently(running: tuple[Pipeline, MetricsServer]) -> None:
+    _, server = running
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def hit() -> None:
+        status = get(server.url + "/metrics")[0]
+        with lock:
+            results.append(status)
+
+    threads = [threading.Thread(target=hit) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == [200] * 8

@@ -1,0 +1,153 @@
+"""`tagwriter run` as a real process: rows land in SQLite, SIGTERM and a second SIGINT stop it as documented."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+#: A small simulation so the tests do not take the CPU others need: 2 groups x 10 tags every 0.1 s.
+SMALL = {"TAGWRITER_SOURCE_GROUPS": "2", "TAGWRITER_SOURCE_TAGS_PER_GROUP": "10", "TAGWRITER_SOURCE_INTERVAL": "0.1"}
+
+
+def env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TAGWRITER_")}
+    base.pop("TTY_COMPATIBLE", None)
+    base.pop("FORCE_COLOR", None)
+    return {**base, **extra}
+
+
+def start(tmp_path: Path, *args: str, environ: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tagwriter", "run", *args], cwd=tmp_path, env=environ,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def rows(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=1.0) as conn:
+            return int(conn.execute("SELECT count(*) FROM tag_values").fetchone()[0])
+    except sqlite3.OperationalError:  # the table is not created yet
+        return 0
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def summary(stdout: str) -> dict[str, int]:
+    m = re.search(r"submitted (\d+) = written (\d+) \+ duplicates (\d+) \+ spooled (\d+) \+ "
+                  r"quarantined (\d+) \+ dropped (\d+) \+ pending (\d+)  \(adds up\)", stdout)
+    assert m, stdout
+    keys = ("submitted", "written", "duplicates", "spooled", "quarantined", "dropped", "pending")
+    return dict(zip(keys, map(int, m.groups()), strict=True))
+
+
+def test_run_duration_3_writes_rows_to_sqlite(tmp_path: Path) -> None:
+    proc = start(tmp_path, "--duration", "3", environ=env())
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    counts = summary(out)
+    # The default simulation: 10 groups x 100 tags every second, for 3 s.
+    assert 2500 <= counts["submitted"] <= 4000, out
+    assert counts["written"] == counts["submitted"] == rows(tmp_path / "tagwriter.db")
+    with sqlite3.connect(tmp_path / "tagwriter.db") as conn:
+        tags = conn.execute("SELECT count(DISTINCT tag_name) FROM tag_values").fetchone()[0]
+    assert tags == 1000
+    assert "duration of 3s reached" in out
+
+
+def test_sigterm_stops_gracefully_with_summary_and_exit_0(tmp_path: Path) -> None:
+    proc = start(tmp_path, environ=env(**SMALL, TAGWRITER_WRITER_FLUSH_INTERVAL="0.1"))
+    try:
+        wait_for(lambda: rows(tmp_path / "tagwriter.db") >= 40, 30, "rows in tagwriter.db")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopped after" in out and "SIGTERM received" in out
+    counts = summary(out)
+    assert counts["pending"] == 0 and counts["spooled"] == 0
+    assert counts["written"] == counts["submitted"] == rows(tmp_path / "tagwriter.db")
+    assert "Traceback" not in err
+
+
+def test_stdin_source_through_a_pipe(tmp_path: Path) -> None:
+    lines = [json.dumps({"tag": f"t{i % 7}", "ts": 1_700_000_000 + i, "value": i}) for i in range(5000)]
+    lines[99] = "not json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tagwriter", "run", "--source", "jsonl", "--input", "-"], cwd=tmp_path,
+        env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    out, err = proc.communicate("\n".join(lines) + "\n", timeout=60)
+    assert proc.returncode == 0, err
+    assert summary(out)["written"] == 4999 == rows(tmp_path / "tagwriter.db")
+    assert "stdin:100: not JSON" in err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def metric(port: int, name: str) -> object:
+    """One figure of the running process's JSON metrics; None while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/buffer/metrics", timeout=1) as r:
+            return json.load(r)[name]
+    except OSError:
+        return None
+
+
+def test_second_sigint_spools_what_is_pending_at_once(tmp_path: Path) -> None:
+    """A write hangs on a locked database; SIGINT waits (shutdown_timeout 60 s), a second SIGINT spools now."""
+    db = tmp_path / "tagwriter.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute('CREATE TABLE tag_values (tag_name TEXT NOT NULL, ts TEXT NOT NULL, value REAL, '
+                     'quality INTEGER, PRIMARY KEY (ts, tag_name)) WITHOUT ROWID')
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # every write of the process now waits for call_timeout
+    port = free_port()
+    environ = env(**SMALL, TAGWRITER_DATABASE_CALL_TIMEOUT="120", TAGWRITER_WRITER_SHUTDOWN_TIMEOUT="60",
+                  TAGWRITER_WRITER_FLUSH_INTERVAL="0.1")
+    proc = start(tmp_path, "--metrics-port", str(port), environ=environ)
+    try:
+        wait_for(lambda: (metric(port, "inflight") or 0) > 0, 30, "a batch in flight on the locked database")
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: metric(port, "state") == "stopping", 10, "the first SIGINT to start the stop")
+        assert proc.poll() is None, "the first SIGINT should wait for the hung write (60 s allowed)"
+        second = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - second
+    finally:
+        proc.kill()
+        lock.rollback()
+        lock.close()
+    assert proc.returncode == 0, err
+    assert took < 10, f"the second SIGINT took {took:.1f}s to end the run"
+    assert "second interrupt: spooling what is pending now" in out + err
+    counts = summary(out)
+    assert counts["written"] == 0 and counts["pending"] == 0
+    assert counts["spooled"] == counts["submitted"] > 0
+    spooled_lines = sum(len(p.read_text().splitlines()) - 1 for p in (tmp_path / "backup").glob("*.csv"))
+    assert spooled_lines == counts["spooled"]
