@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from tagwriter.bounded import run_bounded
 from tagwriter.cli.common import boundary, fail, load_config
 from tagwriter.errors import FatalError
 from tagwriter.sinks import create_sink
@@ -47,11 +48,11 @@ def init_db(
     if print_only:
         typer.echo("\n\n".join(s if s.startswith("--") else f"{s};" for s in stmts))
         return
-    from tagwriter.sinks.oracle import run_bounded  # a generic bounded call; imports the driver
-
     console = Console(highlight=False)
     try:
-        message = run_bounded(lambda: _init(sink, read_index, partition_by_day), timeout, "init-db")
+        message = run_bounded(lambda: _init(sink, read_index, partition_by_day), timeout, "init-db",
+                              hint="host reachable? a lock on the table, or an overloaded database? "
+                                   "raise --timeout if it is just slow")
     finally:
         closer = threading.Thread(target=sink.close, name="tagwriter-close", daemon=True)
         closer.start()

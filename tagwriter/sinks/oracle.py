@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 
 import oracledb
 
+from tagwriter.bounded import run_bounded
 from tagwriter.config import DatabaseConfig, parse_url
 from tagwriter.errors import ConfigError, FatalError, RowError, SinkError, TransientError
 from tagwriter.models import TagValue
@@ -231,43 +232,6 @@ def redact(text: str, secrets: Sequence[str]) -> str:
 # -- bounded calls -------------------------------------------------------------
 
 
-def run_bounded(fn: Callable[[], T], timeout: float, what: str,
-                *, on_late: Callable[[T], None] | None = None, hint: str = TIMEOUT_HINT) -> T:
-    """Run `fn` in a daemon thread; its result, its exception, or TransientError(TIMEOUT).
-
-    A call that finishes after the deadline is left alone, except that its
-    result is handed to `on_late` (to close a connection nobody waits for).
-    """
-    box: dict[str, Any] = {}
-    done = threading.Event()
-    lock = threading.Lock()
-    abandoned = False
-
-    def target() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # handed to the caller
-            box["error"] = exc
-        with lock:
-            late = abandoned
-            done.set()
-        if late and on_late is not None and "result" in box:
-            with contextlib.suppress(Exception):
-                on_late(box["result"])
-
-    thread = threading.Thread(target=target, name=f"tagwriter-{what.split(' ')[0]}", daemon=True)
-    thread.start()
-    if not done.wait(max(0.0, timeout)):
-        with lock:
-            if not done.is_set():
-                abandoned = True
-                raise TransientError(f"{what}: no answer within {timeout:g} s", code="TIMEOUT", hint=hint)
-    if "error" in box:
-        raise box["error"]
-    result: T = box["result"]
-    return result
-
-
 def _close_quietly(conn: Any) -> None:
     with contextlib.suppress(Exception):
         conn.close()
@@ -448,7 +412,7 @@ class ConnectionPool:
     def connect_once(self) -> Any:
         """A new connection outside the pool (bounded by connect_timeout); the caller closes it."""
         return run_bounded(self._connect, self.connect_timeout, f"connect to {self.target}",
-                           on_late=_close_quietly)
+                           on_late=_close_quietly, hint=TIMEOUT_HINT)
 
     def fill(self, n: int) -> None:
         """Open connections in the background until `n` are open (pool_min); never waits."""
@@ -653,7 +617,7 @@ class OracleSink:
             return result
 
         try:
-            return run_bounded(work, self._deadline(calls), what)
+            return run_bounded(work, self._deadline(calls), what, hint=TIMEOUT_HINT)
         except SinkError:
             raise
         except Exception as exc:  # never let a driver error escape
@@ -1028,4 +992,4 @@ def _is_integer_5(t: str) -> bool:
     return bool(m) and int(m.group(1)) >= 5  # type: ignore[union-attr]
 
 
-__all__ = ["ConnectionPool", "OracleSink", "classify", "hint_for", "run_bounded"]
+__all__ = ["ConnectionPool", "OracleSink", "classify", "hint_for"]
