@@ -75,6 +75,7 @@ class RollingCsv:
         self._opened_at = 0.0
         self._seq = 0
         self._bytes = -1  # folder size, scanned lazily
+        self._rescan_at = float("-inf")  # when a full folder may be scanned again
         self.full = False
         self.files_written = 0
 
@@ -126,13 +127,22 @@ class RollingCsv:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self._bytes < 0:
             self._bytes = self.folder_bytes()
-        self._seq += 1
         stamp = format_ts(round(self._clock.time() * 1_000_000))
         stamp = stamp.replace("-", "").replace(":", "").replace(".", "")
-        name = f"{self.prefix}-{stamp}-{os.getpid()}-{self._seq:04d}.csv"
-        self._path = self.directory / name
-        # Held open across appends until the file rolls; _seal() closes it.
-        self._file = open(self._path.with_name(name + PARTIAL), "w", newline="", encoding="utf-8")  # noqa: SIM115
+        while True:
+            # An earlier run may have used this name (same pid, a coarse or stepped-back
+            # wall clock): never reuse it, or sealing would replace that run's file.
+            self._seq += 1
+            name = f"{self.prefix}-{stamp}-{os.getpid()}-{self._seq:04d}.csv"
+            self._path = self.directory / name
+            if self._path.exists():
+                continue
+            try:
+                # Held open across appends until the file rolls; _seal() closes it.
+                self._file = open(self._path.with_name(name + PARTIAL), "x", newline="", encoding="utf-8")  # noqa: SIM115
+            except FileExistsError:
+                continue
+            break
         self._writer = csv.writer(self._file, lineterminator="\n")
         self._writer.writerow(self.header)
         self._rows_in_file = 0
@@ -163,6 +173,12 @@ class RollingCsv:
         if self._bytes < 0:
             self._bytes = self.folder_bytes()
         over = self._bytes >= self.max_bytes
+        if over and self._clock.monotonic() >= self._rescan_at:
+            # Files may have been replayed or moved away since (the alert's hint): look again,
+            # at most once a second so a full spool does not scan the folder on every append.
+            self._rescan_at = self._clock.monotonic() + 1.0
+            self._bytes = self.folder_bytes()
+            over = self._bytes >= self.max_bytes
         if over and not self.full:
             log.error(
                 "SPOOL FULL: %s holds %d bytes, cap is %d; new data stays in memory "

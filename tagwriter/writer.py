@@ -16,6 +16,7 @@ then both in the table and the spool; replay counts them as duplicates).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -158,14 +159,20 @@ class Writer:
                 )
                 if self._abort.is_set():
                     break
+                # wait_ready also returns at the idle tick and on wake(): write only a due batch.
+                urgent = urgent or self._stopping.is_set() or self._flushers > 0
                 if not urgent and self._background_step(n):
                     continue
-                if n == 0:
-                    if self._stopping.is_set():
+                if n == 0 or not (urgent or self._batch_due(n)):
+                    if n == 0 and self._stopping.is_set():
                         break
                     self._housekeeping()
                     continue
-                self._deliver(self.buffer.drain(self.config.batch_size))
+                with self._idle:  # flush() must never see a batch in neither the buffer nor in flight
+                    batch = self.buffer.drain(self.config.batch_size)
+                    with self._lock:
+                        self._inflight = batch
+                self._deliver(batch)
                 self._notify_idle()
         except Exception:  # pragma: no cover - a bug; the pipeline spools the rest
             log.exception("writer thread failed")
@@ -192,6 +199,12 @@ class Writer:
         except SpoolError as exc:
             log.error("%s", exc)
         self._notify_idle()
+
+    def _batch_due(self, pending: int) -> bool:
+        """`batch_size` rows pending, or the oldest has waited `flush_interval`."""
+        return pending >= self.config.batch_size or (
+            self.buffer.oldest_age() >= self.config.flush_interval
+        )
 
     def _idle_wait(self) -> float:
         due = self._background_due
@@ -229,17 +242,23 @@ class Writer:
         with self._idle:
             self._idle.notify_all()
 
-    def _claim(self, batch: Batch) -> bool:
-        """Settle the in-flight batch here; False if stop() took it already."""
+    def _claim(self, batch: Batch, settle: Callable[[], None]) -> bool:
+        """Settle the in-flight batch here (`settle` counts it); False if stop() took it already.
+
+        The batch stops being in flight only once it is counted, so `flush()`
+        never sees it gone from both the buffer and the counters.
+        """
         with self._lock:
-            if self._inflight is batch:
+            if self._inflight is not batch:
+                return False
+            try:
+                settle()
+            finally:
                 self._inflight = None
-                return True
-            return False
+            return True
 
     def _deliver(self, batch: Batch) -> None:
-        with self._lock:
-            self._inflight = batch
+        """Write or spool `batch`, which the caller has put in flight."""
         if self._outage or self._abort.is_set():
             self._spool_outage(batch)
             return
@@ -275,8 +294,8 @@ class Writer:
                     return exc  # stopping: do not keep retrying, spool instead
                 attempt += 1
                 continue
-            if self._claim(batch):
-                self._account(batch, result, self.clock.monotonic() - started)
+            seconds = self.clock.monotonic() - started
+            self._claim(batch, functools.partial(self._account, batch, result, seconds))
             if attempt:
                 self.metrics.set_state(WriterState.WRITING)
             return None
@@ -323,11 +342,9 @@ class Writer:
                 continue
             except SpoolError as exc:
                 log.error("cannot spool %d values: %s", len(batch), exc)
-                if self._claim(batch):
-                    self.metrics.record_dropped(len(batch), "spool_error")
+                self._claim(batch, lambda: self.metrics.record_dropped(len(batch), "spool_error"))
                 return
-            if self._claim(batch):
-                self.metrics.record_spooled(len(batch))
+            self._claim(batch, lambda: self.metrics.record_spooled(len(batch)))
             return
 
     # -- outage mode -------------------------------------------------------

@@ -1,0 +1,442 @@
+"""The writer thread on an injected clock with the in-memory sink's fault injection.
+
+Nothing here sleeps and hopes: time moves only when a test advances the
+`ManualClock`; the retry and probe waits are the clock's `wait()`, and the
+writer's size-or-time trigger is observed through `TracedBuffer`, which says
+when the writer is parked in `wait_ready` again after reacting to a change.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from clocks import ManualClock, wait_until
+
+from tagwriter.buffer import RingBuffer
+from tagwriter.config import BackupConfig, Config, WriterConfig
+from tagwriter.errors import FatalError
+from tagwriter.metrics import Metrics, WriterState
+from tagwriter.models import TagValue
+from tagwriter.pipeline import Pipeline
+from tagwriter.sinks.base import WriteResult
+from tagwriter.sinks.memory import MemorySink
+from tagwriter.spool import Spool, SpoolLine, read_spool
+from tagwriter.writer import IDLE_TICK, Writer
+
+
+class TracedBuffer(RingBuffer):
+    """A RingBuffer that shows when the writer sits in `wait_ready` (test instrumentation)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.entries = 0
+        self.parked = False
+
+    def wait_ready(self, batch_size: int, max_age: float, timeout: float) -> int:
+        self.entries += 1
+        self.parked = True
+        try:
+            return super().wait_ready(batch_size, max_age, timeout)
+        finally:
+            self.parked = False
+
+    def poke(self) -> None:
+        """Make a parked `wait_ready` look at the clock again (unlike `wake()`, forces nothing)."""
+        with self.not_empty:
+            self.not_empty.notify_all()
+
+
+class RecordingSink(MemorySink):
+    """MemorySink that records each write's size and clock time."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.batches: list[tuple[int, float]] = []
+
+    def write_batch(self, rows: Sequence[TagValue]) -> WriteResult:
+        self.batches.append((len(rows), self.clock.monotonic()))
+        return super().write_batch(rows)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [n for n, _ in self.batches]
+
+
+@dataclass
+class Rig:
+    clock: ManualClock
+    buffer: TracedBuffer
+    sink: RecordingSink
+    spool: Spool
+    metrics: Metrics
+    writer: Writer
+    submitted: list[TagValue] = field(default_factory=list)
+    recovered: list[float] = field(default_factory=list)
+
+    def submit(self, n: int, tag: str = "t") -> list[TagValue]:
+        start = len(self.submitted)
+        rows = [TagValue(f"{tag}{i}", 1_700_000_000_000_000 + i, i / 4, 192) for i in range(start, start + n)]
+        self.submitted.extend(rows)
+        self.metrics.record_submitted(n)
+        self.buffer.put_many(rows)
+        return rows
+
+    def tick(self, seconds: float) -> None:
+        """Advance the clock and wait until the writer has reacted and is parked again."""
+        entries = self.buffer.entries
+        self.clock.advance(seconds)
+        self.buffer.poke()
+        wait_until(lambda: self.buffer.entries > entries and self.buffer.parked, what="writer parked again")
+
+    def parked(self) -> None:
+        wait_until(lambda: self.buffer.parked, what="writer parked in wait_ready")
+
+    def identity(self) -> None:
+        snap = self.metrics.snapshot(buffer_size=len(self.buffer), inflight=self.writer.inflight)
+        assert snap.submitted == snap.accounted, snap
+
+    def spooled_rows(self) -> list[TagValue]:
+        self.spool.seal()
+        out = []
+        for f in self.spool.backup.files():
+            for item in read_spool(f):
+                assert isinstance(item, SpoolLine), item
+                out.append(item.row)
+        return out
+
+
+def make_rig(tmp_path: Path, **writer: object) -> Rig:
+    clock = ManualClock()
+    cfg = WriterConfig(**{  # type: ignore[arg-type]
+        "batch_size": 5, "flush_interval": 1.0, "retry_delays": [1.0, 2.0, 4.0],
+        "probe_interval": 1.0, "probe_max_interval": 4.0, **writer,
+    })
+    buffer = TracedBuffer(10_000, clock=clock)
+    sink = RecordingSink(clock)
+    spool = Spool(tmp_path / "backup", clock=clock)
+    metrics = Metrics(clock)
+    rig = Rig(clock, buffer, sink, spool, metrics, Writer(buffer, sink, spool, metrics, cfg, clock=clock))
+    rig.writer.on_recovered = lambda: rig.recovered.append(clock.monotonic())
+    return rig
+
+
+@pytest.fixture
+def rigs(tmp_path: Path) -> Iterator[list[Rig]]:
+    made: list[Rig] = []
+    yield made
+    for rig in made:  # never leave a thread behind: unblock everything, then stop
+        rig.sink.release()
+        rig.sink.come_up()
+        rig.writer.request_stop()
+        assert rig.writer.join(10.0), "writer thread did not stop"
+
+
+@pytest.fixture
+def rig(tmp_path: Path, rigs: list[Rig]) -> Rig:
+    r = make_rig(tmp_path)
+    rigs.append(r)
+    return r
+
+
+def start(rig: Rig) -> Rig:
+    rig.writer.start()
+    wait_until(lambda: rig.metrics.state is not WriterState.STARTING, what="sink opened")
+    return rig
+
+
+# -- the size-or-time trigger ---------------------------------------------------------
+
+
+def test_flushes_by_size_one_write_per_batch(rig: Rig) -> None:
+    start(rig)
+    rig.submit(12)
+    wait_until(lambda: rig.sink.sizes == [5, 5], what="two full batches")
+    rig.parked()
+    rig.tick(0.5)  # the 2 left over are 0.5 s old: not due
+    assert rig.sink.sizes == [5, 5]
+    rig.tick(0.5)  # 1.0 s old: due
+    assert rig.sink.sizes == [5, 5, 2]
+    assert rig.sink.write_calls == rig.sink.commits == 3  # one write (transaction) per batch
+    assert rig.metrics.snapshot().avg_batch_size_5m == pytest.approx(4.0)
+    assert [r for r in rig.submitted if (r.tag, r.ts_us) not in rig.sink.rows] == []
+    rig.identity()
+
+
+def test_flushes_by_time_since_the_oldest_pending_value(rig: Rig) -> None:
+    start(rig)
+    rig.parked()
+    t0 = rig.clock.monotonic()
+    rig.submit(1)
+    rig.parked()
+    # steps are exact binary fractions, >= IDLE_TICK so each makes a parked writer look again
+    rig.tick(0.25)
+    rig.tick(0.25)
+    rig.submit(1)  # a newer value does not restart the oldest one's timer
+    rig.tick(0.25)
+    assert rig.sink.batches == []
+    rig.tick(0.25)
+    assert rig.sink.batches == [(2, t0 + 1.0)]
+    # an idle tick longer than IDLE_TICK never writes a batch that is not due
+    rig.submit(3)
+    rig.tick(IDLE_TICK * 3)
+    assert len(rig.sink.batches) == 1
+    rig.tick(1.0)
+    assert rig.sink.sizes == [2, 3]
+    rig.identity()
+
+
+def test_flush_writes_a_partial_batch_at_once_and_reports_false_on_timeout(rig: Rig) -> None:
+    start(rig)
+    rig.submit(3)
+    assert rig.writer.flush(5.0)
+    assert rig.sink.sizes == [3]
+    rig.sink.block()
+    rig.submit(2)
+    result: list[bool] = []
+    flusher = threading.Thread(target=lambda: result.append(rig.writer.flush(0.5)))
+    flusher.start()
+    assert rig.sink.blocked.wait(10)
+    rig.clock.advance(1.0)  # past the flush deadline while the write hangs
+    flusher.join(10)
+    assert result == [False]
+    rig.sink.release()
+    assert rig.writer.flush(5.0)
+    assert rig.sink.sizes == [3, 2]
+    rig.identity()
+
+
+# -- retries ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delays", [[1.0, 2.0, 4.0], [0.5, 3.0]])
+def test_backoff_sequence_then_success(tmp_path: Path, rigs: list[Rig], delays: list[float]) -> None:
+    rig = make_rig(tmp_path, retry_delays=delays)
+    rigs.append(rig)
+    start(rig)
+    t0 = rig.clock.monotonic()
+    rig.sink.fail_times(len(delays))
+    rig.submit(5)
+    waited = [rig.clock.advance_waiter("tagwriter-writer") for _ in delays]
+    assert waited == delays
+    wait_until(lambda: rig.metrics.batches_ok == 1 and rig.metrics.state is WriterState.WRITING,
+               what="batch committed after retries")
+    assert rig.clock.monotonic() - t0 == pytest.approx(sum(delays))
+    assert rig.sink.write_calls == len(delays) + 1
+    assert len(rig.sink.rows) == 5
+    snap = rig.metrics.snapshot()
+    assert (snap.retries, snap.batches_failed, snap.written, snap.spooled) == (len(delays), len(delays), 5, 0)
+    assert snap.state == "writing"
+    assert not rig.writer.in_outage
+    rig.identity()
+
+
+def test_shutdown_interrupts_the_backoff(rig: Rig) -> None:
+    start(rig)
+    rig.sink.go_down()
+    rig.submit(5)
+    waiter = rig.clock.wait_for_waiter("tagwriter-writer")
+    assert waiter.timeout == 1.0
+    t0 = rig.clock.monotonic()
+    rig.writer.request_stop()
+    assert rig.writer.join(10.0)
+    assert rig.clock.monotonic() == t0  # no retry delay had to pass
+    assert rig.sink.write_calls == 1
+    assert rig.metrics.spooled == 5
+    assert rig.spooled_rows() == rig.submitted
+    rig.identity()
+
+
+def test_fatal_error_is_not_retried(rig: Rig) -> None:
+    start(rig)
+    rig.sink.fail_times(1, error=lambda: FatalError("table missing", code="TEST-FATAL"))
+    rig.submit(5)
+    wait_until(lambda: rig.metrics.spooled == 5, what="batch spooled")
+    assert rig.sink.write_calls == 1 and rig.metrics.retries == 0
+    assert rig.metrics.state is WriterState.FAILED
+    assert rig.writer.fatal_error is not None and "table missing" in str(rig.writer.fatal_error)
+    assert rig.spooled_rows() == rig.submitted
+    rig.identity()
+
+
+# -- outage mode -----------------------------------------------------------------------------
+
+
+def go_to_outage(rig: Rig) -> None:
+    rig.sink.go_down()
+    rig.submit(5)
+    assert [rig.clock.advance_waiter("tagwriter-writer") for _ in range(3)] == [1.0, 2.0, 4.0]
+    wait_until(lambda: rig.writer.in_outage and rig.metrics.spooled == 5, what="outage mode")
+
+
+def test_retries_exhausted_spools_the_batch_and_enters_outage(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    start(rig)
+    with caplog.at_level(logging.ERROR, logger="tagwriter.writer"):
+        go_to_outage(rig)
+    snap = rig.metrics.snapshot()
+    assert snap.state == "outage" and snap.outages == 1
+    assert (snap.batches_failed, snap.retries, snap.written) == (4, 3, 0)
+    assert "TEST-DOWN" in snap.last_error
+    assert rig.sink.write_calls == 4
+    assert any("outage mode" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+    assert rig.spooled_rows() == rig.submitted
+    rig.identity()
+
+
+def test_in_outage_later_batches_are_spooled_at_once(rig: Rig) -> None:
+    start(rig)
+    go_to_outage(rig)
+    calls = rig.sink.write_calls
+    for _ in range(4):
+        rig.submit(5)
+    wait_until(lambda: rig.metrics.spooled == 25, what="later batches spooled")
+    assert rig.sink.write_calls == calls  # no retry storm: the sink is not even called
+    assert rig.clock.waiting("tagwriter-writer") == []  # and no backoff wait
+    assert rig.spooled_rows() == rig.submitted
+    rig.identity()
+
+
+def test_probe_backs_off_to_its_cap_then_recovery_resumes_live_writes(rig: Rig) -> None:
+    start(rig)
+    go_to_outage(rig)
+    probes = []
+    for _ in range(5):
+        calls = rig.sink.probe_calls
+        probes.append(rig.clock.advance_waiter("tagwriter-probe"))
+        wait_until(lambda c=calls: rig.sink.probe_calls == c + 1, what="probe ran")
+    assert probes == [1.0, 2.0, 4.0, 4.0, 4.0]  # doubling, capped at probe_max_interval
+    assert rig.writer.in_outage and rig.recovered == []
+    rig.sink.come_up()
+    assert rig.clock.advance_waiter("tagwriter-probe") == 4.0
+    wait_until(lambda: rig.recovered != [], what="recovery (on_recovered runs last)")
+    assert not rig.writer.in_outage
+    assert rig.metrics.snapshot().state == "writing"
+    assert rig.recovered == [rig.clock.monotonic()]
+    calls = rig.sink.write_calls
+    live = rig.submit(5)
+    wait_until(lambda: rig.metrics.written == 5, what="live write after recovery")
+    assert rig.sink.write_calls == calls + 1
+    assert all((r.tag, r.ts_us) in rig.sink.rows for r in live)
+    assert rig.metrics.spooled == 5  # the outage batch stays in the spool for replay
+    rig.identity()
+
+
+def test_sink_down_at_start_spools_from_the_first_batch(rig: Rig) -> None:
+    rig.sink.go_down()
+    start(rig)
+    assert rig.writer.in_outage and rig.metrics.state is WriterState.OUTAGE
+    rig.submit(5)
+    wait_until(lambda: rig.metrics.spooled == 5, what="spooled")
+    assert rig.sink.write_calls == 0
+    assert rig.spooled_rows() == rig.submitted
+
+
+# -- stop while a write hangs ----------------------------------------------------------------
+
+
+def test_abandon_takes_the_hung_batch_and_a_late_result_is_ignored(rig: Rig) -> None:
+    start(rig)
+    rig.sink.block()
+    rows = rig.submit(5)
+    assert rig.sink.blocked.wait(10)
+    assert rig.writer.inflight == 5
+    rig.writer.request_stop()
+    assert not rig.writer.join(0.1)  # the write hangs: the thread cannot finish
+    rig.writer.abort()
+    batch = rig.writer.abandon()
+    assert batch is not None and batch.rows == rows
+    assert rig.writer.inflight == 0
+    rig.metrics.record_spooled(rig.spool.write_rows(batch.rows, force=True))  # what Pipeline.stop does
+    rig.sink.release()  # the hung write completes late...
+    assert rig.writer.join(10.0)
+    assert rig.metrics.written == 0  # ...and is not counted twice
+    assert rig.spooled_rows() == rows
+    rig.identity()
+
+
+def test_pipeline_stop_deadline_with_a_sink_that_blocks_forever(tmp_path: Path) -> None:
+    clock = ManualClock()
+    sink = MemorySink()
+    config = Config(
+        writer=WriterConfig(batch_size=5, flush_interval=1.0),
+        backup=BackupConfig(directory=str(tmp_path / "backup"), quarantine_directory=str(tmp_path / "q")),
+    )
+    pipeline = Pipeline(config, sink=sink, clock=clock).start()
+    try:
+        sink.block()
+        rows = [TagValue(f"t{i}", 1_700_000_000_000_000, float(i)) for i in range(7)]
+        assert pipeline.submit(rows)
+        assert sink.blocked.wait(10)
+        t0 = clock.monotonic()
+        result: list[bool] = []
+        stopper = threading.Thread(target=lambda: result.append(pipeline.stop(2.0)))
+        stopper.start()
+        real_end = time.monotonic() + 20
+        while stopper.is_alive():  # time passes only here: 0.1 s per step
+            assert time.monotonic() < real_end, "stop() did not return"
+            clock.advance(0.1)
+            stopper.join(0.01)
+        assert result == [True]
+        assert clock.monotonic() - t0 >= 2.0  # it did use its deadline to try to flush
+        snap = pipeline.snapshot()
+        assert (snap.written, snap.spooled, snap.pending) == (0, 7, 0)
+        assert snap.submitted == snap.accounted
+        back = [i.row for f in pipeline.spool.backup.files() for i in read_spool(f) if isinstance(i, SpoolLine)]
+        assert sorted(back) == sorted(rows)
+    finally:
+        sink.release()
+        pipeline.stop(0)
+    assert pipeline.writer.join(10.0)
+
+
+# -- rows the database rejects, duplicates ---------------------------------------------------
+
+
+def test_rejected_rows_are_quarantined_and_batch_mates_commit(rig: Rig) -> None:
+    start(rig)
+    rig.sink.reject_if(lambda r: r.tag in {"t1", "t3"}, code="ORA-12899", message="value too large for column")
+    rig.submit(5)
+    wait_until(lambda: rig.metrics.batches_ok == 1, what="batch committed")
+    snap = rig.metrics.snapshot()
+    assert (snap.written, snap.quarantined, snap.batches_failed) == (3, 2, 0)
+    assert sorted(tag for tag, _ in rig.sink.rows) == ["t0", "t2", "t4"]
+    rig.spool.seal()
+    (qfile,) = rig.spool.quarantine.files()
+    items = [i for i in read_spool(qfile, quarantine=True) if isinstance(i, SpoolLine)]
+    assert [i.row.tag for i in items] == ["t1", "t3"]
+    text = qfile.read_text(encoding="utf-8")
+    assert text.count("ORA-12899,value too large for column,memory") == 2
+    assert rig.spool.backup.files() == []  # not spooled for replay: they would fail again
+    rig.identity()
+
+
+def test_duplicates_are_counted_as_already_written(rig: Rig) -> None:
+    start(rig)
+    rows = rig.submit(5)
+    wait_until(lambda: rig.metrics.batches_ok == 1, what="first batch")
+    rig.submitted.extend(rows)
+    rig.metrics.record_submitted(5)
+    rig.buffer.put_many(rows)  # the same (tag, ts) again: e.g. a replay after an ambiguous commit
+    wait_until(lambda: rig.metrics.batches_ok == 2, what="second batch")
+    snap = rig.metrics.snapshot()
+    assert (snap.written, snap.duplicates, snap.batches_failed, snap.quarantined) == (5, 5, 0, 0)
+    assert len(rig.sink.rows) == 5
+    rig.identity()
+
+
+def test_end_to_end_latency_is_measured_on_the_clock(rig: Rig) -> None:
+    start(rig)
+    rig.parked()
+    rig.submit(2)
+    rig.parked()
+    rig.tick(1.0)
+    assert rig.sink.sizes == [2]
+    snap = rig.metrics.snapshot()
+    assert snap.latency_max_s == pytest.approx(1.0)
+    assert 1.0 / 1.22 <= snap.latency_p50_s <= 1.0
