@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 RESCAN_INTERVAL = 10.0  # seconds between looks at the spool folder while idle
 RATE_WINDOW = 10.0  # seconds the drain rate is averaged over
+MIN_RATE_SPAN = 1.0  # a drain that just started is averaged over at least this long
 ADAPTIVE_DUTY = 0.5  # share of the writer's time the adaptive drain may use
 SAMPLE_BYTES = 64 * 1024  # read to estimate bytes per row before any file is drained
 DEFAULT_ROW_BYTES = 53.0  # typical spool line (tag of ~15 chars), until measured
@@ -73,6 +74,7 @@ class SpoolDrain:
         self._failures = 0
         self._skip: set[Path] = set()  # refused or unmovable files: left alone until restart
         self._window: deque[tuple[float, int]] = deque()
+        self._rate_since = 0.0  # when the rows now in the window started draining
         self._row_bytes = 0.0  # measured on drained lines; 0 = not yet
         self.replayed = 0
         self.duplicates = 0
@@ -105,6 +107,8 @@ class SpoolDrain:
             while self._window and self._window[0][0] < now - RATE_WINDOW:
                 self._window.popleft()
             drained = sum(n for _, n in self._window)
+            # A drain that started less than RATE_WINDOW ago is averaged over its own time.
+            span = min(RATE_WINDOW, max(now - self._rate_since, MIN_RATE_SPAN))
             extra = {
                 "replayed": self.replayed,
                 "replay_duplicates": self.duplicates,
@@ -119,7 +123,7 @@ class SpoolDrain:
             except OSError:
                 continue  # moved meanwhile
         rows = round(max(0, size - done_chars) / self._bytes_per_row(files)) if files else 0
-        rate = drained / RATE_WINDOW
+        rate = drained / span if drained else 0.0
         return {
             "backlog_rows": rows,
             "backlog_files": len(files),
@@ -175,7 +179,7 @@ class SpoolDrain:
                 self._pending = []
                 self._failures = 0
                 fr.settle(rows, result)
-                self._count(len(rows), result.written, result.duplicates, len(result.rejected))
+                self._count(started, len(rows), result.written, result.duplicates, len(result.rejected))
                 self._pace(started, len(rows))
             if fr.done and not self._pending:
                 self._finish(fr)
@@ -228,12 +232,17 @@ class SpoolDrain:
         else:
             self._next_at = now + (now - started) * (1.0 / ADAPTIVE_DUTY - 1.0)
 
-    def _count(self, rows: int, written: int, duplicates: int, rejected: int) -> None:
+    def _count(self, started: float, rows: int, written: int, duplicates: int, rejected: int) -> None:
         with self._lock:
             self.replayed += written
             self.duplicates += duplicates
             self.quarantined += rejected
-            self._window.append((self.clock.monotonic(), rows))
+            now = self.clock.monotonic()
+            while self._window and self._window[0][0] < now - RATE_WINDOW:
+                self._window.popleft()
+            if not self._window:
+                self._rate_since = started
+            self._window.append((now, rows))
 
     def _finish(self, fr: FileReplay) -> None:
         lines = fr.lines_processed()

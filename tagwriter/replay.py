@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import islice
 from pathlib import Path
 from typing import TextIO, TypeVar
 
@@ -143,6 +144,10 @@ class SpoolReader:
         except (OSError, csv.Error) as exc:
             self._file.close()
             raise InputError(f"{self.path}:1", f"cannot read: {exc}") from None
+        if not first.endswith("\n") and ",".join(expected).startswith(first):
+            # Empty, or the header cut off: a crash before any row was written
+            # (the header reaches the disk with the first rows). No rows to replay.
+            header = list(expected)
         if tuple(header) != expected:
             self._file.close()
             kind = "quarantine" if quarantine else "spool"
@@ -166,82 +171,104 @@ class SpoolReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def read(self, max_lines: int) -> tuple[list[TagValue], list[int], list[BadLine]]:
+    def read(self, max_lines: int) -> tuple[list[TagValue], Sequence[int], list[BadLine]]:
         """Up to `max_lines` more lines: (rows, their line numbers, bad lines).
 
         Sets `done` at the end of the file.
         """
+        chunk = list(islice(self._file, max_lines))
+        if len(chunk) < max_lines:
+            self.done = True
+        if not chunk:
+            return [], [], []
+        blob = "".join(chunk)
+        first = self.line + 1
+        self.line += len(chunk)
+        self.chars += len(blob)
+        # The hot path: a chunk of plain spool lines (what the spool writes) is
+        # split without the csv module and without per-line checks; any line
+        # it cannot take goes through `_verdict`, which gives the reason.
+        if self.quarantine or '"' in blob or "\r" in blob or "\ufffd" in blob or blob[-1] != "\n":
+            return self._read_checked(chunk, first)
+        rows: list[TagValue] = []
+        append, new_row = rows.append, tuple.__new__
+        last_ts, last_us = self._last_ts, self._last_us
+        bad_at: list[int] = []
+        for i, raw in enumerate(chunk):
+            try:
+                tag, ts, value, quality = raw[:-1].split(",")
+                if ts != last_ts:
+                    last_us = parse_ts(ts)
+                    last_ts = ts
+                if not tag:
+                    raise ValueError
+                append(new_row(TagValue, (tag, last_us, None if value == "" else float(value), int(quality))))
+            except ValueError:
+                bad_at.append(i)
+        self._last_ts, self._last_us = last_ts, last_us
+        if not bad_at:
+            return rows, range(first, first + len(chunk)), []
+        return self._read_checked(chunk, first)  # rare: redo the chunk line by line for the reasons
+
+    def _read_checked(self, chunk: list[str], first: int) -> tuple[list[TagValue], list[int], list[BadLine]]:
         rows: list[TagValue] = []
         lines: list[int] = []
         bad: list[BadLine] = []
-        width, quarantine, where = self._width, self.quarantine, str(self.path)
-        lineno, chars = self.line, self.chars
-        last_ts, last_us = self._last_ts, self._last_us
-        new_row = tuple.__new__
-        todo = max_lines
-        for raw in self._file:
-            lineno += 1
-            chars += len(raw)
-            todo -= 1
-            reason = ""
-            if raw[-1] != "\n":
-                reason = "truncated line (no line end)"
-            elif "\ufffd" in raw:
-                reason = "not valid UTF-8"
+        for lineno, raw in enumerate(chunk, first):
+            verdict = self._verdict(raw, lineno)
+            if isinstance(verdict, BadLine):
+                bad.append(verdict)
             else:
-                if '"' in raw or "\r" in raw:
-                    try:
-                        fields = next(csv.reader([raw]), [])
-                    except csv.Error as exc:
-                        fields, reason = [], f"not a CSV line: {exc}"
-                else:
-                    fields = raw[:-1].split(",")
-                if reason:
-                    pass
-                elif len(fields) != width:
-                    reason = f"expected {width} columns, found {len(fields)}"
-                elif quarantine and fields[4] == BAD_LINE and not fields[0]:
-                    bad.append(BadLine(f"{where}:{lineno}", f"quarantined bad line: {fields[5]}",
-                                       (fields[6], fields[5], fields[7])))
-                    if todo <= 0:
-                        break
-                    continue
-                else:
-                    tag, ts, value, quality = fields[0], fields[1], fields[2], fields[3]
-                    if not tag:
-                        reason = "empty tag_name"
-                    else:
-                        if ts != last_ts:
-                            try:
-                                last_us = parse_ts(ts)
-                                last_ts = ts
-                            except ValueError:
-                                reason = f"unparsable timestamp {ts!r}"
-                        if not reason:
-                            try:
-                                val = None if value == "" else float(value)
-                            except ValueError:
-                                reason = f"unparsable value {value!r}"
-                        if not reason:
-                            try:
-                                q = int(quality)
-                            except ValueError:
-                                reason = f"unparsable quality {quality!r}"
-                        if not reason:
-                            rows.append(new_row(TagValue, (tag, last_us, val, q)))
-                            lines.append(lineno)
-                            if todo <= 0:
-                                break
-                            continue
-            location = f"{where}:{lineno}"
-            bad.append(BadLine(location, reason, (location, reason, raw.rstrip("\r\n"))))
-            if todo <= 0:
-                break
-        else:
-            self.done = True
-        self.line, self.chars = lineno, chars
-        self._last_ts, self._last_us = last_ts, last_us
+                rows.append(verdict)
+                lines.append(lineno)
         return rows, lines, bad
+
+    def _verdict(self, raw: str, lineno: int) -> TagValue | BadLine:
+        """One line as a row, or as a bad line with its reason."""
+        location = f"{self.path}:{lineno}"
+        if raw[-1] != "\n":
+            reason = "truncated line (no line end)"
+        elif "\ufffd" in raw:
+            reason = "not valid UTF-8"
+        else:
+            reason = ""
+            if '"' in raw or "\r" in raw:
+                try:
+                    fields = next(csv.reader([raw]), [])
+                except csv.Error as exc:
+                    fields, reason = [], f"not a CSV line: {exc}"
+            else:
+                fields = raw[:-1].split(",")
+            if reason:
+                pass
+            elif len(fields) != self._width:
+                reason = f"expected {self._width} columns, found {len(fields)}"
+            elif self.quarantine and fields[4] == BAD_LINE and not fields[0]:
+                return BadLine(location, f"quarantined bad line: {fields[5]}", (fields[6], fields[5], fields[7]))
+            else:
+                tag, ts, value, quality = fields[0], fields[1], fields[2], fields[3]
+                if not tag:
+                    reason = "empty tag_name"
+                else:
+                    try:
+                        if ts != self._last_ts:
+                            self._last_us = parse_ts(ts)
+                            self._last_ts = ts
+                    except ValueError:
+                        reason = f"unparsable timestamp {ts!r}"
+                    if not reason:
+                        try:
+                            val = None if value == "" else float(value)
+                        except ValueError:
+                            reason = f"unparsable value {value!r}"
+                    if not reason:
+                        try:
+                            q = int(quality)
+                        except ValueError:
+                            reason = f"unparsable quality {quality!r}"
+                    if not reason:
+                        return TagValue(tag, self._last_us, val, q)
+        return BadLine(location, reason, (location, reason, raw.rstrip("\r\n")))
 
 
 def count_lines(path: Path | str) -> int:
@@ -315,7 +342,7 @@ class FileReplay:
             raise InputError(str(path), "is a folder") from None
         except OSError as exc:
             raise InputError(str(path), f"cannot open: {exc.strerror}") from None
-        self._lines: list[int] = []
+        self._lines: Sequence[int] = []
         self._bad: list[tuple[str, str, str]] = []
         self._rejected: list[tuple[object, ...]] = []
         self._early = 0  # quarantine entries already written (flushed early)
@@ -474,8 +501,8 @@ class Replayer:
                 source=f"replay into {self.sink.describe()}" if self.sink and not dry_run else "",
             )
         except InputError as exc:
-            log.info("refused %s", exc)
-            return FileReport(path, FileStatus.REFUSED, error=exc.reason)
+            log.debug("refused %s", exc)  # the caller reports it
+            return FileReport(path, FileStatus.REFUSED, error=exc.reason, problems=[str(exc)])
         try:
             seen = 0
             while not fr.done:
@@ -505,6 +532,8 @@ class Replayer:
     def _write(self, rows: list[TagValue]) -> WriteResult:
         assert self.sink is not None
         sink = self.sink
+        if self._paced_since is None:
+            self._paced_since = self.clock.monotonic()  # pacing counts from the first write
         if not self._opened:
             self._retrying(sink.open, "open the database")
             self._opened = True
@@ -530,11 +559,9 @@ class Replayer:
     def _pace(self, n: int) -> None:
         if self.rate <= 0:
             return
-        now = self.clock.monotonic()
-        if self._paced_since is None:
-            self._paced_since = now
+        assert self._paced_since is not None
         self._paced_rows += n
-        wait = self._paced_since + self._paced_rows / self.rate - now
+        wait = self._paced_since + self._paced_rows / self.rate - self.clock.monotonic()
         if wait > 0:
             self.clock.wait(self.stop, wait)
 

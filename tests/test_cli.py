@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import socket
 import sqlite3
 import threading
 import urllib.request
@@ -15,6 +13,7 @@ from typing import Any
 
 import pytest
 import typer
+from procs import free_port, summary
 from typer.testing import CliRunner, Result
 
 from tagwriter.cli.app import app
@@ -27,16 +26,7 @@ runner = CliRunner()
 FAST_SIM = {"TAGWRITER_SOURCE_GROUPS": "2", "TAGWRITER_SOURCE_TAGS_PER_GROUP": "5",
             "TAGWRITER_SOURCE_INTERVAL": "0.1", "TAGWRITER_WRITER_FLUSH_INTERVAL": "0.05"}
 
-
-@pytest.fixture(autouse=True)
-def _in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Each test in its own folder (tagwriter.db, backup/ land there), no outside TAGWRITER_*."""
-    for name in list(os.environ):
-        if name.startswith("TAGWRITER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
-    monkeypatch.delenv("FORCE_COLOR", raising=False)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("in_tmp")
 
 
 def invoke(args: list[str], *, env: dict[str, str] | None = None, input: str | None = None) -> Result:
@@ -50,14 +40,6 @@ def count_rows(db: Path) -> int:
 
 def jsonl(n: int, *, start: int = 1_700_000_000) -> str:
     return "".join(json.dumps({"tag": f"t{i % 10}", "ts": start + i, "value": i / 4}) + "\n" for i in range(n))
-
-
-def summary_counts(output: str) -> dict[str, int]:
-    m = re.search(r"submitted (\d+) = written (\d+) \+ duplicates (\d+) \+ spooled (\d+) \+ "
-                  r"quarantined (\d+) \+ dropped (\d+) \+ pending (\d+)  \(adds up\)", output)
-    assert m, output
-    keys = ("submitted", "written", "duplicates", "spooled", "quarantined", "dropped", "pending")
-    return dict(zip(keys, map(int, m.groups()), strict=True))
 
 
 # -- help -----------------------------------------------------------------------------
@@ -103,7 +85,7 @@ def test_run_duration_with_the_simulated_source(tmp_path: Path) -> None:
     result = invoke(["run", "--duration", "1"], env=FAST_SIM)
     assert result.exit_code == 0, result.output
     assert "stopped after 1.0s: duration of 1s reached" in result.stdout
-    counts = summary_counts(result.stdout)
+    counts = summary(result.stdout)
     assert counts["submitted"] >= 50  # 100 values/s for 1 s, the first polls at once
     assert counts["written"] == counts["submitted"] == count_rows(tmp_path / "tagwriter.db")
 
@@ -130,7 +112,7 @@ def test_run_jsonl_file_ends_at_end_of_input(tmp_path: Path) -> None:
     result = invoke(["run", "--source", "jsonl", "--input", "in.data"])
     assert result.exit_code == 0, result.output
     assert "end of input" in result.stdout
-    assert summary_counts(result.stdout)["written"] == 1234 == count_rows(tmp_path / "tagwriter.db")
+    assert summary(result.stdout)["written"] == 1234 == count_rows(tmp_path / "tagwriter.db")
 
 
 def test_run_csv_kind_from_the_file_name(tmp_path: Path) -> None:
@@ -148,7 +130,7 @@ def test_run_stdin_with_malformed_lines_loses_nothing(tmp_path: Path) -> None:
         lines.insert(n - 1, '{"tag": "x", "ts": "when?", "value": 1}' if n == 250 else "garbage")
     result = invoke(["run", "--source", "jsonl", "--input", "-"], input="\n".join(lines) + "\n")
     assert result.exit_code == 0, result.output
-    counts = summary_counts(result.stdout)
+    counts = summary(result.stdout)
     assert counts["written"] == 500 == count_rows(tmp_path / "tagwriter.db")
     assert "malformed input lines: 3, kept in backup/quarantine" in result.stdout
     assert "stdin:3: not JSON" in result.stderr and "stdin:250: ts 'when?'" in result.stderr
@@ -244,12 +226,6 @@ def test_run_log_level_and_log_file(tmp_path: Path) -> None:
     assert "stopping: end of input" in (tmp_path / "logs" / "tw.log").read_text()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_run_metrics_port_serves_while_running() -> None:
     port = free_port()
     answers: list[int] = []
@@ -280,7 +256,7 @@ def test_run_exits_1_when_the_database_refuses_writes(tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text(jsonl(20))
     result = invoke(["run", "-i", "in.jsonl", "--database", "sqlite:///bad.db"])
     assert result.exit_code == 1
-    assert summary_counts(result.stdout)["spooled"] == 20
+    assert summary(result.stdout)["spooled"] == 20
     assert "error: the database refused writes: SQLITE_NOTADB" in result.stderr
 
 

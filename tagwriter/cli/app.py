@@ -10,6 +10,7 @@ import typer
 from tagwriter.cli.common import GlobalOptions
 from tagwriter.cli.config_cmd import config_app
 from tagwriter.cli.init_db import init_db
+from tagwriter.cli.replay import replay
 from tagwriter.cli.run import run
 from tagwriter.cli.status import status
 from tagwriter.cli.test_connection import test_connection
@@ -50,3 +51,5 @@ app.command("version")(version)
 app.command("init-db")(init_db)
 app.command("test-connection")(test_connection)
 app.command("status")(status)
+app.command("replay")(replay)
+app.command("replay-backups", hidden=True)(replay)

@@ -23,13 +23,14 @@ from rich.text import Text
 
 from tagwriter.cli.common import boundary, err_console, fail, load_config, setup_logging
 from tagwriter.logs import configure_logging
-from tagwriter.replay import FileStatus, ReplayReport, count_lines, expand, replay_files
+from tagwriter.replay import FileReport, FileStatus, ReplayReport, count_lines, expand, replay_files
 from tagwriter.replay import Progress as ProgressCallback
 from tagwriter.sinks import create_sink
 from tagwriter.spool import Spool
 
 PLAIN_EVERY = 5.0  # seconds between plain progress lines
 SHOWN_PROBLEMS = 10  # bad lines printed per file (all are counted and quarantined)
+TABLE_WIDTH = 160  # columns of the report when not on a terminal
 
 
 class RowRateColumn(ProgressColumn):
@@ -43,7 +44,7 @@ def replay(
     ctx: typer.Context,
     files: Annotated[
         list[Path],
-        typer.Argument(help="Spool files, e.g. backup/*.csv (a folder stands for its spool files).",
+        typer.Argument(metavar="FILES", help="Spool files, e.g. backup/*.csv (a folder stands for its spool files).",
                        show_default=False),
     ],
     dry_run: Annotated[
@@ -77,6 +78,8 @@ def replay(
     """
     config = load_config(ctx, {"writer.batch_size": batch_size})
     console = Console(highlight=False)
+    if not console.is_terminal:  # a log or a pipe: keep each file's table row on one line
+        console = Console(highlight=False, width=max(console.width, TABLE_WIDTH))
     bar = console.is_terminal if progress is None else progress
     if bar:
         setup_logging(config, console=False)
@@ -147,18 +150,23 @@ class PlainProgress:
         self.last = now
 
 
-def _result(f_status: FileStatus, moved: Path | None, error: str) -> str:
-    if f_status is FileStatus.REPLAYED:
-        return f"moved to {moved}"
-    if f_status in (FileStatus.DELETED, FileStatus.CHECKED):
-        return str(f_status)
-    return f"{f_status.upper()}: {error}; left in place"
+def _result(f: FileReport) -> str:
+    if f.status is FileStatus.REPLAYED and f.moved_to is not None:
+        where = f.moved_to if f.moved_to.name != f.path.name else f"{f.moved_to.parent}/"
+        return f"moved to {where}"
+    if f.status in (FileStatus.DELETED, FileStatus.CHECKED):
+        return str(f.status)
+    if f.status is FileStatus.REFUSED:
+        return "REFUSED (see above); left in place"
+    return f"{f.status.upper()}: {f.error}; left in place"
 
 
 def _print_report(console: Console, report: ReplayReport, spool: Spool) -> None:
     for f in report.files:
-        if f.status is FileStatus.REFUSED:
-            err_console.print(f"{f.path}: refused: {f.error}", markup=False)
+        if f.status is FileStatus.REFUSED:  # "file:1: not a tagwriter spool file (...)"
+            where = f.problems[0] if f.problems else f"{f.path}: {f.error}"
+            err_console.print(f"{where}; refused, left in place", markup=False)
+            continue
         for problem in f.problems[:SHOWN_PROBLEMS]:
             err_console.print(problem, markup=False)
         more = f.bad_lines - min(len(f.problems), SHOWN_PROBLEMS)
@@ -171,7 +179,7 @@ def _print_report(console: Console, report: ReplayReport, spool: Spool) -> None:
     table.add_column("result", overflow="fold")
     for f in report.files:
         table.add_row(str(f.path), f"{f.rows_read:,}", f"{f.inserted:,}", f"{f.duplicates:,}",
-                      f"{f.quarantined:,}", f"{f.bad_lines:,}", _result(f.status, f.moved_to, f.error))
+                      f"{f.quarantined:,}", f"{f.bad_lines:,}", _result(f))
     if len(report.files) > 1:
         table.add_row("total", *(f"{report.total(k):,}" for k in
                                  ("rows_read", "inserted", "duplicates", "quarantined", "bad_lines")), "")

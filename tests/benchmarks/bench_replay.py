@@ -115,8 +115,10 @@ def main() -> None:
                 shutil.rmtree(work)
                 print(f"  rep {rep + 1} {name:6s} {out[-1]:>10,.0f} rows/s")
         replay, bare = statistics.median(replay_rates), statistics.median(bare_rates)
+        paired = statistics.median(r / b for r, b in zip(replay_rates, bare_rates, strict=True))
         print(f"median: replay {replay:,.0f} rows/s, bare csv+executemany {bare:,.0f} rows/s, "
-              f"ratio {replay / bare:.2f} (targets: >= 100,000 rows/s, >= 0.70)")
+              f"ratio {replay / bare:.2f}, median of the per-round ratios {paired:.2f} "
+              f"(targets: >= 100,000 rows/s, >= 0.70)")
 
 
 if __name__ == "__main__":

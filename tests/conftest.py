@@ -1,0 +1,33 @@
+"""Fixtures shared by several test files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Run in `tmp_path` (tagwriter.db and backup/ land there) without outside TAGWRITER_* or forced terminals."""
+    for name in list(os.environ):
+        if name.startswith("TAGWRITER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def fault_results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After a fault-suite module (its FAULT_SINK names the sink): print its scenario table, write it to a file."""
+    from faultproxy import show_table, write_results
+
+    yield
+    kind = request.module.FAULT_SINK
+    path = os.environ.get("TAGWRITER_FAULT_TABLE") or str(tmp_path_factory.getbasetemp() / "faults.md")
+    text = write_results(path, kind)
+    show_table(request, f"fault scenarios, {kind} (also in {path}):\n{text}" if text else "")

@@ -1,0 +1,56 @@
+"""Helpers for tests that run tagwriter as a user does: a process, its summary, its endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+SUMMARY = re.compile(r"submitted (\d+) = written (\d+) \+ duplicates (\d+) \+ spooled (\d+) \+ "
+                     r"quarantined (\d+) \+ dropped (\d+) \+ pending (\d+)  \(adds up\)")
+SUMMARY_KEYS = ("submitted", "written", "duplicates", "spooled", "quarantined", "dropped", "pending")
+
+
+def run_env(**extra: str) -> dict[str, str]:
+    """This process's environment without TAGWRITER_* or forced terminal settings, plus `extra`."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TAGWRITER_")}
+    for name in ("TTY_COMPATIBLE", "FORCE_COLOR"):
+        base.pop(name, None)
+    return {**base, **extra}
+
+
+def summary(output: str) -> dict[str, int]:
+    """The counters of the final summary line ("submitted N = written N + ... (adds up)")."""
+    m = SUMMARY.search(output)
+    assert m, output
+    return dict(zip(SUMMARY_KEYS, map(int, m.groups()), strict=True))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def metric(port: int, name: str) -> Any:
+    """One figure of a running process's JSON metrics; None while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/buffer/metrics", timeout=1) as r:
+            return json.load(r)[name]
+    except OSError:
+        return None
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> None:
+    """Poll `predicate` until true; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
