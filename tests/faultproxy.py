@@ -13,6 +13,10 @@ Threads: one accepting, two pumps per connection. Mode changes apply at once
 to new and established connections. `only=` counts bytes of PostgreSQL
 frontend messages of those types (the proxy follows the client's message
 framing), so a reset can be aimed at the middle of a COPY.
+
+Also here, for the fault-injection suites (tests/test_faults_*.py): the
+results table they fill (`FaultRow`, `record`, `write_results`) and their
+harness (`TimedSink`, `Feeder`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
+from typing import Any
+
+from tagwriter.models import PollingData
+from tagwriter.pipeline import Pipeline
+from tagwriter.sinks.base import WriteResult
 
 LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 TICK = 0.05
@@ -407,3 +416,156 @@ def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+# -- the fault suite's results table --------------------------------------------------
+
+
+@dataclass
+class FaultRow:
+    """One scenario's figures for the report table. `lost` must be 0."""
+
+    scenario: str
+    sink: str
+    submitted: int
+    written: int
+    duplicates: int
+    lost: int
+    longest_stall: float  # seconds: the longest single sink call (or stop) of the scenario
+    stall_call: str = ""
+    submit_max: float = 0.0
+    notes: str = ""
+
+
+RESULTS: list[FaultRow] = []
+
+
+def record(row: FaultRow) -> None:
+    RESULTS.append(row)
+
+
+def results_table(rows: list[FaultRow]) -> str:
+    """The rows as a Markdown table."""
+    lines = [
+        "| scenario | sink | submitted | written | duplicates | lost | longest stall | submit max | notes |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.scenario} | {r.sink} | {r.submitted} | {r.written} | {r.duplicates} | {r.lost} | "
+            f"{r.longest_stall:.2f} s ({r.stall_call}) | {r.submit_max * 1000:.1f} ms | {r.notes} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(path: str, sink: str) -> str:
+    """Write (append to) `path` the rows recorded for `sink`; returns the table text."""
+    rows = [r for r in RESULTS if r.sink == sink]
+    text = results_table(rows) if rows else ""
+    if text:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"\n{sink}:\n\n{text}")
+    return text
+
+
+def show_table(request: Any, text: str) -> None:
+    """Print `text` on the terminal even while pytest captures output (from a fixture's teardown)."""
+    if not text:
+        return
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capman = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None:
+        return
+    with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
+        reporter.write_line("\n" + text)
+
+
+# -- the fault suite's harness: a timed sink and a paced producer -----------------------
+
+T0 = 1_700_000_000.0  # epoch seconds of the first poll a Feeder submits
+Values = dict[tuple[str, int], float | None]  # (tag, ts_us) -> value
+
+
+class TimedSink:
+    """The real sink, each call timed: `longest` is the longest any one call blocked its caller."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+        self.longest = 0.0
+        self.longest_call = ""
+        self._lock = threading.Lock()
+
+    def _timed(self, name: str, call: Callable[[], Any]) -> Any:
+        started = time.monotonic()
+        try:
+            return call()
+        finally:
+            took = time.monotonic() - started
+            with self._lock:
+                if took > self.longest:
+                    self.longest, self.longest_call = took, name
+
+    def open(self) -> None:
+        self._timed("open", self.inner.open)
+
+    def write_batch(self, rows: Any) -> WriteResult:
+        result: WriteResult = self._timed("write_batch", lambda: self.inner.write_batch(rows))
+        return result
+
+    def probe(self) -> None:
+        self._timed("probe", self.inner.probe)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def describe(self) -> str:
+        return str(self.inner.describe())
+
+
+class Feeder:
+    """Submits polls of `tags` values every `interval` s on its own thread; remembers every value."""
+
+    def __init__(self, pipeline: Pipeline, *, tags: int = 50, interval: float = 0.02, start: int = 0,
+                 prefix: str = "g") -> None:
+        self.pipeline = pipeline
+        self.tags = tags
+        self.interval = interval
+        self.k = start
+        self.prefix = prefix
+        self.values: Values = {}
+        self.submit_max = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="feeder", daemon=True)
+
+    def poll(self) -> PollingData:
+        k = self.k
+        self.k += 1
+        return PollingData(self.prefix, T0 + k * 0.001,
+                           {f"{self.prefix}.t{j:03d}": k + j / 1000 for j in range(self.tags)})
+
+    def submit_one(self) -> None:
+        poll = self.poll()
+        started = time.monotonic()
+        self.pipeline.submit(poll)
+        self.submit_max = max(self.submit_max, time.monotonic() - started)
+        for row in poll.rows():
+            self.values[(row.tag, row.ts_us)] = row.value
+
+    def submit_many(self, polls: int) -> None:
+        for _ in range(polls):
+            self.submit_one()
+
+    def start(self) -> Feeder:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.submit_one()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        assert not self._thread.is_alive()
+

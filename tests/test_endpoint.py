@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from procs import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from tagwriter.config import BackupConfig, BufferConfig, Config, DatabaseConfig, MetricsConfig, WriterConfig
@@ -63,12 +64,6 @@ def get(url: str, method: str = "GET") -> tuple[int, str, dict[str, str]]:
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, exc.read().decode(), dict(exc.headers)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
+
+from procs import free_port, metric, run_env, summary, wait_until
 
 #: A small simulation so the tests do not take the CPU others need: 2 groups x 10 tags every 0.1 s.
 SMALL = {"TAGWRITER_SOURCE_GROUPS": "2", "TAGWRITER_SOURCE_TAGS_PER_GROUP": "10", "TAGWRITER_SOURCE_INTERVAL": "0.1"}
-
-
-def env(**extra: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("TAGWRITER_")}
-    base.pop("TTY_COMPATIBLE", None)
-    base.pop("FORCE_COLOR", None)
-    return {**base, **extra}
 
 
 def start(tmp_path: Path, *args: str, environ: dict[str, str]) -> subprocess.Popen[str]:
@@ -43,24 +33,8 @@ def rows(db: Path) -> int:
         return 0
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def summary(stdout: str) -> dict[str, int]:
-    m = re.search(r"submitted (\d+) = written (\d+) \+ duplicates (\d+) \+ spooled (\d+) \+ "
-                  r"quarantined (\d+) \+ dropped (\d+) \+ pending (\d+)  \(adds up\)", stdout)
-    assert m, stdout
-    keys = ("submitted", "written", "duplicates", "spooled", "quarantined", "dropped", "pending")
-    return dict(zip(keys, map(int, m.groups()), strict=True))
-
-
 def test_run_duration_3_writes_rows_to_sqlite(tmp_path: Path) -> None:
-    proc = start(tmp_path, "--duration", "3", environ=env())
+    proc = start(tmp_path, "--duration", "3", environ=run_env())
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     counts = summary(out)
@@ -74,9 +48,9 @@ def test_run_duration_3_writes_rows_to_sqlite(tmp_path: Path) -> None:
 
 
 def test_sigterm_stops_gracefully_with_summary_and_exit_0(tmp_path: Path) -> None:
-    proc = start(tmp_path, environ=env(**SMALL, TAGWRITER_WRITER_FLUSH_INTERVAL="0.1"))
+    proc = start(tmp_path, environ=run_env(**SMALL, TAGWRITER_WRITER_FLUSH_INTERVAL="0.1"))
     try:
-        wait_for(lambda: rows(tmp_path / "tagwriter.db") >= 40, 30, "rows in tagwriter.db")
+        wait_until(lambda: rows(tmp_path / "tagwriter.db") >= 40, 30, "rows in tagwriter.db")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -94,27 +68,12 @@ def test_stdin_source_through_a_pipe(tmp_path: Path) -> None:
     lines[99] = "not json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tagwriter", "run", "--source", "jsonl", "--input", "-"], cwd=tmp_path,
-        env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=run_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     out, err = proc.communicate("\n".join(lines) + "\n", timeout=60)
     assert proc.returncode == 0, err
     assert summary(out)["written"] == 4999 == rows(tmp_path / "tagwriter.db")
     assert "stdin:100: not JSON" in err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def metric(port: int, name: str) -> object:
-    """One figure of the running process's JSON metrics; None while it does not answer."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/buffer/metrics", timeout=1) as r:
-            return json.load(r)[name]
-    except OSError:
-        return None
 
 
 def test_second_sigint_spools_what_is_pending_at_once(tmp_path: Path) -> None:
@@ -127,13 +86,13 @@ def test_second_sigint_spools_what_is_pending_at_once(tmp_path: Path) -> None:
     lock = sqlite3.connect(db, isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")  # every write of the process now waits for call_timeout
     port = free_port()
-    environ = env(**SMALL, TAGWRITER_DATABASE_CALL_TIMEOUT="120", TAGWRITER_WRITER_SHUTDOWN_TIMEOUT="60",
+    environ = run_env(**SMALL, TAGWRITER_DATABASE_CALL_TIMEOUT="120", TAGWRITER_WRITER_SHUTDOWN_TIMEOUT="60",
                   TAGWRITER_WRITER_FLUSH_INTERVAL="0.1")
     proc = start(tmp_path, "--metrics-port", str(port), environ=environ)
     try:
-        wait_for(lambda: (metric(port, "inflight") or 0) > 0, 30, "a batch in flight on the locked database")
+        wait_until(lambda: (metric(port, "inflight") or 0) > 0, 30, "a batch in flight on the locked database")
         proc.send_signal(signal.SIGINT)
-        wait_for(lambda: metric(port, "state") == "stopping", 10, "the first SIGINT to start the stop")
+        wait_until(lambda: metric(port, "state") == "stopping", 10, "the first SIGINT to start the stop")
         assert proc.poll() is None, "the first SIGINT should wait for the hung write (60 s allowed)"
         second = time.monotonic()
         proc.send_signal(signal.SIGINT)
