@@ -21,7 +21,7 @@ from tagwriter.clock import SYSTEM_CLOCK, Clock
 from tagwriter.config import Config
 from tagwriter.errors import PipelineStopped, SpoolError, SpoolFullError
 from tagwriter.metrics import Metrics, MetricsSnapshot, WriterState
-from tagwriter.models import PollingData, TagValue
+from tagwriter.models import PollingData, TagValue, check_tag_names
 from tagwriter.recovery import SpoolDrain
 from tagwriter.sinks import Sink, create_sink
 from tagwriter.spool import Spool
@@ -42,11 +42,13 @@ class Pipeline:
         *,
         sink: Sink | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        buffer: RingBuffer | None = None,
     ) -> None:
         self.config = config = config or Config()
         self.clock = clock
         self.metrics = Metrics(clock)
-        self.buffer = RingBuffer(
+        # `buffer`: a prebuilt (e.g. instrumented) RingBuffer; overflow-test injects one.
+        self.buffer = buffer if buffer is not None else RingBuffer(
             config.buffer.capacity,
             config.buffer.overflow_policy,
             block_timeout=config.buffer.block_timeout,
@@ -111,9 +113,16 @@ class Pipeline:
         """Hand over one polling group (or rows); True if every value was taken.
 
         False means some were dropped (counted) under the `drop-oldest` or
-        `block` policy. Raises PipelineStopped after `stop()`.
+        `block` policy. Raises PipelineStopped after `stop()`, and ValueError
+        (nothing taken) for a tag name that is not text or holds a line break.
         """
-        rows: Sequence[TagValue] = list(data.rows()) if isinstance(data, PollingData) else list(data)
+        rows: Sequence[TagValue]
+        if isinstance(data, PollingData):
+            check_tag_names(data.values.keys())
+            rows = list(data.rows())
+        else:
+            rows = list(data)
+            check_tag_names([row[0] for row in rows])
         if not rows:
             return True
         with self._submit_lock:
@@ -273,6 +282,7 @@ class QueueConsumer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tagwriter-queue", daemon=True)
         self.consumed = 0
+        self.rejected = 0  # items refused by submit (bad tag names), kept in quarantine
 
     def start(self) -> None:
         self._thread.start()
@@ -292,6 +302,15 @@ class QueueConsumer:
             except PipelineStopped:
                 log.error("queue consumer: pipeline stopped with values still queued")
                 return
+            except (ValueError, TypeError) as exc:  # a bad item: keep it in quarantine, go on
+                self.rejected += 1
+                where = f"queue item {self.consumed + self.rejected}"
+                log.error("%s: %s (kept in quarantine)", where, exc)
+                try:
+                    self.pipeline.spool.quarantine_lines([(where, str(exc), repr(item))])
+                except SpoolError as err:
+                    log.error("%s: cannot quarantine: %s", where, err)
+                continue
             self.consumed += 1
 
     def stop(self, timeout: float) -> bool:

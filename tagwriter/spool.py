@@ -285,13 +285,14 @@ class Spool:
     def quarantine_rows(self, rejected: Iterable[tuple[TagValue, str, str]], source: str = "") -> int:
         """Keep rows the database rejected, each with its error code and message."""
         return self.quarantine.append(
-            (*spool_fields(row), code, message, source, "") for row, code, message in rejected
+            (*spool_fields(row), code, one_line(message), source, "") for row, code, message in rejected
         )
 
     def quarantine_lines(self, bad: Iterable[tuple[str, str, str]]) -> int:
         """Keep malformed input lines: `(location, reason, raw line)`."""
         return self.quarantine.append(
-            ("", "", "", "", "BAD_LINE", reason, location, raw) for location, reason, raw in bad
+            ("", "", "", "", "BAD_LINE", one_line(reason), one_line(location), one_line(raw))
+            for location, reason, raw in bad
         )
 
     def maybe_roll(self) -> None:
@@ -340,6 +341,11 @@ def parse_row(fields: Sequence[str]) -> TagValue:
     except ValueError:
         raise ValueError(f"unparsable quality {quality!r}") from None
     return TagValue(tag, ts_us, val, q)
+
+
+def one_line(text: str) -> str:
+    """`text` with CR and LF shown as \\r and \\n: a quarantine entry stays one line (readers resume by line)."""
+    return text.replace("\r", "\\r").replace("\n", "\\n") if ("\n" in text or "\r" in text) else text
 
 
 def read_spool(path: Path | str, *, quarantine: bool = False) -> Iterator[SpoolLine | InputError]:

@@ -23,7 +23,7 @@ import pytest
 
 from tagwriter.clock import SystemClock
 from tagwriter.config import BackupConfig, BufferConfig, Config, DatabaseConfig, WriterConfig, validate
-from tagwriter.errors import FatalError, PipelineStopped
+from tagwriter.errors import FatalError, InputError, PipelineStopped
 from tagwriter.metrics import MetricsSnapshot
 from tagwriter.models import PollingData, TagValue, format_ts, to_epoch_us
 from tagwriter.pipeline import Pipeline
@@ -406,6 +406,36 @@ def test_queue_consumer_submits_until_the_sentinel(tmp_path: Path) -> None:
         assert p.flush(5.0)
     assert table_rows(tmp_path / "tags.db") == as_table(expand(data))
     assert_identity(p.snapshot(), 500)
+
+
+def test_a_tag_name_with_a_line_break_is_refused_and_nothing_is_taken(tmp_path: Path) -> None:
+    with Pipeline(make_config(tmp_path)) as p:
+        with pytest.raises(ValueError, match="contains a line break"):
+            p.submit(PollingData("g", 1_700_000_000.0, {"ok": 1.0, "bad\ntag": 2.0}))
+        with pytest.raises(ValueError, match="is not text"):
+            p.submit([TagValue(7, 1, 1.0, 192)])  # type: ignore[arg-type]
+        assert p.submit(PollingData("g", 1_700_000_000.0, {"ok": 1.0}))
+    assert p.snapshot().submitted == 1
+    assert_identity(p.snapshot(), 1)
+
+
+def test_queue_consumer_keeps_a_refused_item_in_quarantine_and_goes_on(tmp_path: Path) -> None:
+    source: queue.Queue[PollingData | None] = queue.Queue()
+    good = groups(3, 5)
+    with Pipeline(make_config(tmp_path)) as p:
+        consumer = p.consume(source)
+        source.put(good[0])
+        source.put(PollingData("g", 1_700_000_000.0, {"a\r\nb": 1.0}))
+        source.put(good[1])
+        source.put(good[2])
+        source.put(None)
+        assert consumer.stop(5.0)
+        assert (consumer.consumed, consumer.rejected) == (3, 1)
+    assert table_rows(tmp_path / "tags.db") == as_table(expand(good))
+    assert_identity(p.snapshot(), 15)
+    lines = [i for f in p.spool.quarantine.files() for i in read_spool(f, quarantine=True)]
+    assert len(lines) == 1 and isinstance(lines[0], InputError)
+    assert "line break" in lines[0].reason and "queue item 2" in lines[0].raw
 
 
 def test_stop_submits_what_is_still_queued(tmp_path: Path) -> None:

@@ -55,6 +55,7 @@ def test_jsonl_iso_epoch_null_and_quality() -> None:
     (b'{"tag": "a", "ts": 1}', "missing 'value'"),
     (b'{"tag": "", "ts": 1, "value": 1}', "tag must be a non-empty string"),
     (b'{"tag": 5, "ts": 1, "value": 1}', "tag must be a non-empty string"),
+    (b'{"tag": "a\\nb", "ts": 1, "value": 1}', "contains a line break"),
     (b'{"tag": "a", "ts": "noon", "value": 1}', "ts 'noon' is not ISO-8601"),
     (b'{"tag": "a", "ts": true, "value": 1}', "ts must be ISO-8601 text or epoch seconds"),
     (b'{"tag": "a", "ts": 1, "value": "high"}', "value must be a number or null"),

@@ -278,6 +278,23 @@ def test_quarantine_keeps_each_row_with_its_error(tmp_path: Path) -> None:
     assert bad_line.location == f"{qfile}:4" and "not JSON" in bad_line.reason
 
 
+def test_quarantine_entries_stay_one_line_each(tmp_path: Path) -> None:
+    """Database messages span lines (PostgreSQL's DETAIL); readers resume by line, so CR/LF are escaped."""
+    spool = Spool(tmp_path / "backup", tmp_path / "rejected")
+    row = TagValue("a", TS0, 1.0, 192)
+    spool.quarantine_rows([(row, "23514", "violates check\nDETAIL:  Failing row")])
+    spool.quarantine_lines([("in.csv:3", "bad\r\nreason", "x,\ry")])
+    spool.seal()
+    (qfile,) = spool.quarantine.files()
+    assert len(qfile.read_text(encoding="utf-8").splitlines()) == 3
+    items = list(read_spool(qfile, quarantine=True))
+    assert [i.row for i in items if isinstance(i, SpoolLine)] == [row]
+    with open(qfile, newline="", encoding="utf-8") as f:
+        table = list(csv.reader(f))
+    assert table[1][5] == "violates check\\nDETAIL:  Failing row"
+    assert table[2][5:] == ["bad\\r\\nreason", "in.csv:3", "x,\\ry"]
+
+
 # -- recovery after a crash ----------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from tagwriter.errors import InputError, PipelineStopped, SpoolError
-from tagwriter.models import GOOD_QUALITY, TagValue, parse_ts, to_epoch_us
+from tagwriter.models import GOOD_QUALITY, TagValue, check_tag_names, parse_ts, to_epoch_us
 
 if TYPE_CHECKING:
     from tagwriter.pipeline import Pipeline
@@ -215,6 +215,7 @@ def parse_csv(text: str, columns: dict[str, int]) -> TagValue:
 def _tag(tag: Any) -> str:
     if not isinstance(tag, str) or not tag:
         raise ValueError(f"tag must be a non-empty string, not {tag!r}")
+    check_tag_names((tag,))
     return tag
 
 
