@@ -37,7 +37,7 @@ from tagwriter.config import BackupConfig, Config, DatabaseConfig, WriterConfig
 from tagwriter.metrics import MetricsSnapshot
 from tagwriter.pipeline import Pipeline
 from tagwriter.replay import replay_files
-from tagwriter.sinks.postgresql import _COPY, PostgresSink
+from tagwriter.sinks.postgresql import PostgresSink
 from tagwriter.spool import Spool
 
 CALL_TIMEOUT = 2.0
@@ -264,9 +264,9 @@ def test_reset_right_after_commit_is_sent(db: PgDatabase, proxy: FaultProxy, tmp
     feeder = Feeder(p, tags=100)
     try:
         feeder.submit_many(1)
-        assert p.flush(10) and p.snapshot().written == 100  # a session is open, in plain-INSERT mode
-        # The batch's simple-protocol messages (BEGIN, COPY, INSERT, COMMIT): cut after the last byte.
-        messages = ["BEGIN", _COPY, sink.inner._insert_plain, "COMMIT"]
+        assert p.flush(10) and p.snapshot().written == 100  # a session is open, in direct-COPY mode
+        # The batch's simple-protocol messages (BEGIN, COPY into the table, COMMIT): cut after the last byte.
+        messages = ["BEGIN", sink.inner._direct_copy, "COMMIT"]
         proxy.reset_after(sum(len(m.encode()) + 1 for m in messages), only=b"Q")
         feeder.submit_many(1)
         assert p.flush(10)

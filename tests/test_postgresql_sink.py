@@ -151,6 +151,47 @@ def test_after_a_conflict_on_conflict_stays_on_then_plain_insert_returns(sink: P
     assert sink._conflict_mode == 0
 
 
+def test_clean_batches_copy_straight_into_the_table_duplicates_go_the_staging_way(
+    db: PgDatabase, sink: PostgresSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    staged_copies: list[int] = []
+    real_copy = PostgresSink._copy
+    monkeypatch.setattr(PostgresSink, "_copy", staticmethod(
+        lambda cur, staged: (staged_copies.append(len(staged)), real_copy(cur, staged))[1]))
+    assert sink.write_batch(rows(20)).written == 20
+    assert staged_copies == []  # direct COPY: the staging table was not used
+    r = sink.write_batch(rows(30))  # 20 already there: unique violation, redone with ON CONFLICT
+    assert (r.written, r.duplicates) == (10, 20) and staged_copies == [30]
+    assert db.count() == 30
+
+
+def test_quality_outside_a_smallint_column_is_refused_per_row_not_wrapped(db: PgDatabase, sink: PostgresSink) -> None:
+    """Binary COPY would store 40000 in a smallint as -25536: the row is refused before sending."""
+    batch = rows(10)
+    batch[4] = batch[4]._replace(quality=40_000)
+    result = sink.write_batch(batch)
+    assert [(e.index, e.code) for e in result.rejected] == [(4, "22003")]
+    assert result.written == 9
+    with db.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM tag_values WHERE quality <> 192").fetchone()[0] == 0
+
+
+def test_a_data_error_in_the_direct_copy_isolates_the_row(db: PgDatabase) -> None:
+    with db.connect() as conn:
+        conn.execute("CREATE TABLE tag_values (tag_name varchar(8) NOT NULL, ts timestamptz NOT NULL, "
+                     "value double precision, quality integer, PRIMARY KEY (tag_name, ts))")
+    sink = make_sink(db, create=False)
+    try:
+        batch = rows(12, tag="t")
+        batch[7] = batch[7]._replace(tag="much-too-long-for-8")
+        result = sink.write_batch(batch)
+        assert [(e.index, e.code) for e in result.rejected] == [(7, "22001")]
+        assert result.written == 11 and db.count() == 11
+        assert sink.write_batch(rows(5, start=100, tag="t")).written == 5
+    finally:
+        sink.close()
+
+
 def test_always_on_conflict_mode_gives_the_same_counts(db: PgDatabase) -> None:
     sink = make_sink(db, optimistic=False)
     try:
@@ -180,6 +221,19 @@ def test_bad_rows_are_isolated_and_the_rest_commits(db: PgDatabase, sink: Postgr
     assert (result.written, result.duplicates) == (32, 4)
     assert db.count() == 36
     assert sink.write_batch(rows(5, start=500)).written == 5  # the session is still usable
+
+
+def test_rows_refused_before_sending_do_not_shift_the_bisection(db: PgDatabase, sink: PostgresSink) -> None:
+    """A row refused client-side in the middle, a server-side error at the end: every other row lands."""
+    with db.connect() as conn:
+        conn.execute("ALTER TABLE tag_values ADD CONSTRAINT value_below_1e6 "
+                     "CHECK (value IS NULL OR value = 'NaN' OR value < 1e6)")
+    batch = rows(20)
+    batch[5] = batch[5]._replace(tag="nul\x00tag")
+    batch[19] = batch[19]._replace(value=2e6)
+    result = sink.write_batch(batch)
+    assert sorted((e.index, e.code) for e in result.rejected) == [(5, "22021"), (19, "23514")]
+    assert (result.written, result.duplicates) == (18, 0) and db.count() == 18
 
 
 def test_not_null_violation_is_a_row_error(db: PgDatabase, sink: PostgresSink) -> None:

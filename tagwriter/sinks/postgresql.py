@@ -2,10 +2,14 @@
 
 A batch is one transaction: binary `COPY` into a session-local temporary table
 (`ON COMMIT DELETE ROWS`), then `INSERT INTO t SELECT ... FROM stage`, commit.
-The INSERT is first tried without `ON CONFLICT`, which skips speculative
-insertion and halves its server cost; a unique violation rolls back and the
-batch is redone with `ON CONFLICT (tag, ts) DO NOTHING`, which then stays on
-for a while (replays bring many duplicates). Either way duplicates are
+While no duplicates are seen, a batch is COPied straight into the table
+instead (no staging table, no INSERT: about 1.3x faster again); that needs the
+table's own column types for the binary format, read at open(). A unique
+violation rolls back and the batch is redone through the staging table with
+`ON CONFLICT (tag, ts) DO NOTHING`, which then stays on for a while (replays
+bring many duplicates); any other error of the direct COPY (a data error, a
+quality outside a smallint column: checked before sending, since binary COPY
+would wrap it) sends the batch the staging way, which isolates bad rows. Either way duplicates are
 `rows - rowcount`, and open() refuses a table without a unique key on
 (tag, ts), so the plain INSERT can never store a duplicate.
 
@@ -55,7 +59,7 @@ PG_EPOCH_US = 946_684_800_000_000
 #: timestamptz range (4713 BC .. 294276 AD) in Unix-epoch microseconds; end exclusive.
 TS_MIN_US = -211_813_488_000_000_000 + PG_EPOCH_US
 TS_END_US = 9_223_371_331_200_000_000 + PG_EPOCH_US
-_INT8_MIN, _INT8_MAX = -(2**63), 2**63 - 1
+_INT8_END = 2**63  # int8 holds -_INT8_END .. _INT8_END - 1
 MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names (NAMEDATALEN - 1)
 LIBPQ_MIN_CONNECT_TIMEOUT = 2  # libpq (and psycopg) raise anything lower to 2 s
 
@@ -69,6 +73,10 @@ _STAGE_DDL = (
 _COPY = f"COPY pg_temp.{STAGE} (pos, tag, ts, value, quality) FROM STDIN (FORMAT BINARY)"
 # ts goes out as int8: the binary COPY format of timestamptz is that int8.
 _COPY_TYPES = ("int4", "text", "int8", "float8", "int8")
+
+# Binary COPY types for the table's own columns (direct COPY), by format_type().
+_DIRECT_TAG = ("text", "character varying")
+_DIRECT_QUALITY = {"smallint": ("int2", 1 << 15), "integer": ("int4", 1 << 31), "bigint": ("int8", 1 << 63)}
 
 STATEMENT_SHARE = 0.9  # statement_timeout as a share of call_timeout
 
@@ -265,6 +273,11 @@ class PostgresSink:
         key = f"{quote_ident(spec.tag)}, {quote_ident(spec.ts)}"
         self._insert_plain = f"INSERT INTO {t} ({cols}) SELECT tag, ts, value, quality FROM pg_temp.{STAGE}"
         self._insert_upsert = self._insert_plain + f" ON CONFLICT ({key}) DO NOTHING"
+        self._direct_copy = f"COPY {t} ({cols}) FROM STDIN (FORMAT BINARY)"
+        # Read at open(): binary COPY types of the table's columns (None: no direct COPY), and
+        # the bound of its quality column (sending more is refused per row before the COPY).
+        self._direct_types: tuple[str, str, str, str] | None = None
+        self._quality_bound = _INT8_END
         self._insert_range = (
             f"INSERT INTO {t} ({cols}) SELECT tag, ts, value, quality FROM pg_temp.{STAGE} "
             f"WHERE pos >= %s AND pos < %s ON CONFLICT ({key}) DO NOTHING"
@@ -356,6 +369,9 @@ class PostgresSink:
                         f"({self.spec.tag}, {self.spec.ts}); found ({', '.join(key) or 'none'})",
                         code="42P10", hint=_FATAL_HINTS["42P10"],
                     )
+                self._direct_types, self._quality_bound = self._column_types(conn)
+                if not self.optimistic:
+                    self._direct_types = None
                 conn.execute(_STAGE_DDL)
                 conn.commit()
         except psycopg.Error as exc:
@@ -378,6 +394,22 @@ class PostgresSink:
                 return cols
         return keys[0] if keys else []
 
+    def _column_types(self, conn: psycopg.Connection[Any]) -> tuple[tuple[str, str, str, str] | None, int]:
+        """Binary COPY types of the table's (tag, ts, value, quality) columns (None: not all known), quality bound."""
+        s = self.spec
+        rows = conn.execute(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
+            (quote_ident(s.table),),
+        ).fetchall()
+        types = {str(name): str(kind) for name, kind in rows}
+        tag, ts, value, quality = (types.get(c, "") for c in s.columns)
+        q_type, bound = _DIRECT_QUALITY.get(quality, ("", _INT8_END))
+        if (not tag.startswith(_DIRECT_TAG) or ts != "timestamp with time zone"
+                or value != "double precision" or not q_type):
+            return None, bound
+        return ("text", "int8", "float8", q_type), bound
+
     def _reset(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -392,10 +424,10 @@ class PostgresSink:
     def write_batch(self, rows: Sequence[TagValue]) -> WriteResult:
         if not rows:
             return WriteResult(0)
-        staged, rejected = _stage_rows(rows)
+        self.open()  # first: the table's quality column type bounds what may be sent
+        staged, positions, rejected = _stage_rows(rows, self._quality_bound)
         if not staged:
             return WriteResult(0, 0, rejected)
-        self.open()
         conn = self._conn
         assert conn is not None
         where = f"write to {self.spec.table}"
@@ -411,7 +443,7 @@ class PostgresSink:
             self._rollback(conn, where)
             log.info("batch of %d hit a row error (%s %s): isolating the bad rows",
                      len(staged), first.sqlstate, _message(first))
-            result = self._isolate(conn, staged, where)
+            result = self._isolate(conn, staged, positions, where)
             result.rejected = sorted(rejected + result.rejected, key=lambda e: e.index)
             return result
         except psycopg.Error as exc:
@@ -424,6 +456,10 @@ class PostgresSink:
     def _write_staged(self, conn: psycopg.Connection[Any], staged: list[tuple[Any, ...]]) -> int:
         """COPY + INSERT + commit; the number of rows inserted."""
         with conn.cursor() as cur:
+            if self._conflict_mode == 0 and self._direct_types is not None:
+                written = self._copy_direct(conn, cur, staged, self._direct_types)
+                if written is not None:
+                    return written
             if self._conflict_mode == 0:
                 self._copy(cur, staged)
                 try:
@@ -443,19 +479,43 @@ class PostgresSink:
             self._conflict_mode -= 1
         return written
 
+    def _copy_direct(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], staged: list[tuple[Any, ...]],
+                     types: tuple[str, str, str, str]) -> int | None:
+        """COPY the batch straight into the table and commit; None: do it the staging way.
+
+        `_stage_rows` kept qualities within the column's range: binary COPY would wrap them.
+        """
+        try:
+            with cur.copy(self._direct_copy) as copy:
+                copy.set_types(types)
+                write = copy.write_row
+                for row in staged:
+                    write(row)
+            conn.commit()
+            return len(staged)
+        except psycopg.errors.UniqueViolation:
+            self._conflict_mode = CONFLICT_MODE_BATCHES
+        except psycopg.Error as exc:
+            if not is_row_error(exc):
+                raise
+        conn.rollback()
+        return None
+
     @staticmethod
     def _copy(cur: psycopg.Cursor[Any], staged: list[tuple[Any, ...]]) -> None:
+        """COPY into the staging table, each row with its index in `staged` (`pos`, what bisection ranges over)."""
         with cur.copy(_COPY) as copy:
             copy.set_types(_COPY_TYPES)
             write = copy.write_row
-            for row in staged:
-                write(row)
+            for pos, row in enumerate(staged):
+                write((pos, *row))
 
     def _rollback(self, conn: psycopg.Connection[Any], where: str) -> None:
         with self._call(conn, where):
             conn.rollback()
 
-    def _isolate(self, conn: psycopg.Connection[Any], staged: list[tuple[Any, ...]], where: str) -> WriteResult:
+    def _isolate(self, conn: psycopg.Connection[Any], staged: list[tuple[Any, ...]], positions: list[int] | None,
+                 where: str) -> WriteResult:
         """Insert the batch range by range under savepoints; bisect failing ranges."""
         rejected: list[RowError] = []
         written = 0
@@ -474,7 +534,8 @@ class PostgresSink:
                             raise
                         cur.execute("ROLLBACK TO SAVEPOINT tagwriter_rows")
                         if hi - lo == 1:
-                            rejected.append(RowError(staged[lo][0], exc.sqlstate or "", _message(exc)))
+                            pos = positions[lo] if positions else lo
+                            rejected.append(RowError(pos, exc.sqlstate or "", _message(exc)))
                         else:
                             mid = (lo + hi) // 2
                             pending += [(mid, hi), (lo, mid)]
@@ -666,33 +727,41 @@ def _keys(conn: psycopg.Connection[Any], oid: int) -> list[list[str]]:
     return [list(r[0]) for r in rows]
 
 
-def _stage_rows(rows: Sequence[TagValue]) -> tuple[list[tuple[Any, ...]], list[RowError]]:
-    """COPY tuples `(pos, tag, ts, value, quality)` and the rows refused before sending.
+def _stage_rows(
+    rows: Sequence[TagValue], quality_bound: int = _INT8_END
+) -> tuple[list[tuple[Any, ...]], list[int] | None, list[RowError]]:
+    """COPY tuples `(tag, ts, value, quality)`, their indexes in the batch, and the rows refused.
 
-    `pos` is the row's index in the batch. Refused here: what PostgreSQL
-    cannot store at all and would fail the whole COPY (NUL or unencodable text,
-    a timestamp outside timestamptz's range, a non-number).
+    The indexes are None when no row was refused (then they are 0..n-1).
+    Refused here: what PostgreSQL cannot store at all and would fail the whole
+    COPY (NUL or unencodable text, a timestamp outside timestamptz's range, a
+    non-number), and a quality outside the column's range (binary COPY would
+    wrap it around instead of failing).
     """
     staged: list[tuple[Any, ...]] = []
     rejected: list[RowError] = []
+    q_min = -quality_bound
     for pos, (tag, ts_us, value, quality) in enumerate(rows):
         if (
             type(tag) is str and type(ts_us) is int and type(quality) is int
             and (value is None or type(value) is float)
-            and TS_MIN_US <= ts_us < TS_END_US and _INT8_MIN <= quality <= _INT8_MAX
+            and TS_MIN_US <= ts_us < TS_END_US and q_min <= quality < quality_bound
             and (tag.isascii() and "\x00" not in tag)
         ):
-            staged.append((pos, tag, ts_us - PG_EPOCH_US, value, quality))
+            staged.append((tag, ts_us - PG_EPOCH_US, value, quality))
             continue
-        error = _row_problem(pos, tag, ts_us, value, quality)
+        error = _row_problem(pos, tag, ts_us, value, quality, quality_bound)
         if error is None:  # a non-ASCII tag, an int value, ...: fine after all
-            staged.append((pos, tag, ts_us - PG_EPOCH_US, None if value is None else float(value), quality))
+            staged.append((tag, ts_us - PG_EPOCH_US, None if value is None else float(value), quality))
         else:
             rejected.append(error)
-    return staged, rejected
+    if not rejected:
+        return staged, None, rejected
+    refused = {e.index for e in rejected}
+    return staged, [i for i in range(len(rows)) if i not in refused], rejected
 
 
-def _row_problem(pos: int, tag: Any, ts_us: Any, value: Any, quality: Any) -> RowError | None:
+def _row_problem(pos: int, tag: Any, ts_us: Any, value: Any, quality: Any, quality_bound: int) -> RowError | None:
     if not isinstance(tag, str):
         return RowError(pos, "22P02", f"tag_name is not text: {tag!r}")
     if "\x00" in tag:
@@ -711,8 +780,8 @@ def _row_problem(pos: int, tag: Any, ts_us: Any, value: Any, quality: Any) -> Ro
         return RowError(pos, "22003", "value out of range for double precision")
     if not isinstance(quality, int) or isinstance(quality, bool):
         return RowError(pos, "22P02", f"quality is not an integer: {quality!r}")
-    if not _INT8_MIN <= quality <= _INT8_MAX:
-        return RowError(pos, "22003", "quality out of range for smallint")
+    if not -quality_bound <= quality < quality_bound:
+        return RowError(pos, "22003", f"quality {quality} out of range for the quality column")
     return None
 
 
