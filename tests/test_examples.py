@@ -35,7 +35,7 @@ def _no_outside_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_examples_exist() -> None:
     names = {p.name for p in EXAMPLES.iterdir()}
     assert {"oracle.toml", "oracle-wallet.toml", "postgresql.toml", "embed.py",
-            "tagwriter.service", "tagwriter.env.example"} <= names
+            "tagwriter.service", "tagwriter.env.example", "ci-load-test.yml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -129,3 +129,19 @@ def test_systemd_unit_runs_tagwriter_with_options_that_exist() -> None:
     run = group.commands["run"]  # type: ignore[attr-defined]
     run_ctx = run.make_context("run", argv[at + 1:], parent=ctx)
     assert run_ctx.params["no_panel"] is True  # journald gets status lines, not panel frames
+
+
+def test_ci_job_runs_commands_with_options_that_exist() -> None:
+    """Every `run: tagwriter ...` step of the CI example parses with the real command tree."""
+    text = (EXAMPLES / "ci-load-test.yml").read_text()
+    steps = [line.split("run:", 1)[1].split("#", 1)[0].strip() for line in text.splitlines()
+             if line.strip().startswith(("run: tagwriter", "- run: tagwriter"))]
+    assert {shlex.split(s)[1] for s in steps} == {"load-test", "overflow-test"}
+    assert "${{ secrets.TAGWRITER_DATABASE_PASSWORD }}" in text and "--database" not in text
+    group = typer.main.get_command(app)
+    for step in steps:
+        argv = shlex.split(step)
+        command = group.commands[argv[1]]  # type: ignore[attr-defined]
+        ctx = command.make_context(argv[1], argv[2:])
+        assert ctx.params["json_path"] is not None  # CI keeps the report
+

@@ -10,6 +10,8 @@ import typer
 from tagwriter.cli.common import GlobalOptions
 from tagwriter.cli.config_cmd import config_app
 from tagwriter.cli.init_db import init_db
+from tagwriter.cli.load_test import load_test
+from tagwriter.cli.overflow_test import overflow_test
 from tagwriter.cli.replay import replay
 from tagwriter.cli.run import run
 from tagwriter.cli.status import status
@@ -53,3 +55,5 @@ app.command("test-connection")(test_connection)
 app.command("status")(status)
 app.command("replay")(replay)
 app.command("replay-backups", hidden=True)(replay)
+app.command("load-test")(load_test)
+app.command("overflow-test")(overflow_test)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -14,8 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from tagwriter import config as config_mod
-from tagwriter.config import Config
-from tagwriter.errors import TagwriterError
+from tagwriter.config import Config, DatabaseURL, parse_url
+from tagwriter.errors import ConfigError, TagwriterError
 from tagwriter.logs import configure_logging
 
 P = ParamSpec("P")
@@ -79,3 +80,31 @@ def boundary(func: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(code=130) from None
 
     return wrapper
+
+
+def database_option(url: str | None) -> str | None:
+    """Check a `--database URL` option: parsable, and no password (argv is readable by any user)."""
+    if url is not None and parse_url_safely(url).password:
+        raise fail(
+            "--database: the URL contains a password; passwords are never taken from the command line",
+            hint="drop it from the URL and set TAGWRITER_DATABASE_PASSWORD (or database.password in the config file)",
+            code=2,
+        )
+    return url
+
+
+def parse_url_safely(url: str) -> DatabaseURL:
+    """`parse_url`, turning its error into one about the option."""
+    try:
+        return parse_url(url)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("database.url", "--database", 1), hint=exc.hint) from None
+
+
+def write_json_report(report: Mapping[str, Any], path: Path, console: Console) -> None:
+    """Write a command's report as JSON (for CI artifacts); a clear error if it cannot."""
+    try:
+        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise fail(f"--json {path}: cannot write: {exc.strerror}") from None
+    console.print(f"report written to {path}", markup=False, highlight=False)

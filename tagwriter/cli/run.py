@@ -24,9 +24,9 @@ import typer
 from rich.console import Console, RenderableType
 from rich.live import Live
 
-from tagwriter.cli.common import boundary, fail, load_config, setup_logging
-from tagwriter.config import Config, DatabaseURL, parse_url
-from tagwriter.errors import ConfigError, PipelineStopped
+from tagwriter.cli.common import boundary, database_option, fail, load_config, setup_logging
+from tagwriter.config import Config
+from tagwriter.errors import PipelineStopped
 from tagwriter.logs import configure_logging
 from tagwriter.metrics import MetricsSnapshot
 from tagwriter.models import PollingData
@@ -103,12 +103,7 @@ def run(
 
     Example: tagwriter run --duration 20 --database sqlite:///tagwriter.db
     """
-    if database is not None and parse_url_safely(database).password:
-        raise fail(
-            "--database: the URL contains a password; passwords are never taken from the command line",
-            hint="drop it from the URL and set TAGWRITER_DATABASE_PASSWORD (or database.password in the config file)",
-            code=2,
-        )
+    database_option(database)
     kind = source.value if source is not None else _kind_from_suffix(input_path)
     config = load_config(ctx, {
         "source.kind": kind,
@@ -140,13 +135,6 @@ def _kind_from_suffix(path: str | None) -> str | None:
     """jsonl or csv from an input file's name; None when it does not say."""
     return SUFFIX_KINDS.get(Path(path).suffix.lower()) if path else None
 
-
-def parse_url_safely(url: str) -> DatabaseURL:
-    """`parse_url`, turning its error into one about the option."""
-    try:
-        return parse_url(url)
-    except ConfigError as exc:
-        raise ConfigError(str(exc).replace("database.url", "--database", 1), hint=exc.hint) from None
 
 
 class ConsoleLogHandler(logging.Handler):
