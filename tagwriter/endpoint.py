@@ -199,6 +199,14 @@ def snapshot_families(s: MetricsSnapshot) -> Iterator[Metric]:
     yield _gauge("tagwriter_backlog_rows", "Spooled rows waiting to be replayed.", s.backlog_rows)
     yield _gauge("tagwriter_backlog_files", "Spool files waiting to be replayed.", s.backlog_files)
     yield _gauge("tagwriter_drain_rate_values_per_second", "Spool replay rate.", s.drain_rate_per_s)
+    drained = CounterMetricFamily("tagwriter_replayed_rows_total",
+                                  "Spooled rows the automatic drain settled, by outcome.", labels=["outcome"])
+    for outcome, key in (("inserted", "replayed"), ("duplicate", "replay_duplicates"),
+                         ("quarantined", "replay_quarantined"), ("bad_line", "replay_bad_lines")):
+        drained.add_metric([outcome], float(s.extra.get(key, 0)))
+    yield drained
+    yield _counter("tagwriter_replayed_files_total", "Spool files the automatic drain finished.",
+                   float(s.extra.get("replayed_files", 0)))
     if s.drain_eta_s is not None and math.isfinite(s.drain_eta_s):
         yield _gauge("tagwriter_drain_eta_seconds", "Estimated seconds until the spool is drained.", s.drain_eta_s)
     # A state set: one series per state, 1 for the current one (alert on state="outage").

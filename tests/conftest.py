@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,3 +32,22 @@ def fault_results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     path = os.environ.get("TAGWRITER_FAULT_TABLE") or str(tmp_path_factory.getbasetemp() / "faults.md")
     text = write_results(path, kind)
     show_table(request, f"fault scenarios, {kind} (also in {path}):\n{text}" if text else "")
+
+
+@pytest.fixture(autouse=True)
+def _drop_tagwriter_log_handlers() -> Iterator[None]:
+    """Undo a command's logging set-up after each test.
+
+    A command run through CliRunner installs a console handler on the stream
+    CliRunner lent it; once that stream is closed, a later test's log line
+    would end in "--- Logging error ---".
+    """
+    logger = logging.getLogger("tagwriter")
+    level = logger.level
+    yield
+    for handler in list(logger.handlers):
+        if getattr(handler, "_tagwriter", False):
+            logger.removeHandler(handler)
+            handler.close()
+    logger.setLevel(level)
+

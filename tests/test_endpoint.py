@@ -305,3 +305,19 @@ def test_requests_are_served_concurrently(running: tuple[Pipeline, MetricsServer
     for t in threads:
         t.join(10)
     assert results == [200] * 8
+
+
+def test_drain_counters_are_exported_by_outcome() -> None:
+    """The automatic drain's figures (snapshot.extra) reach /metrics as counters."""
+    from tagwriter.endpoint import snapshot_families
+    from tagwriter.metrics import Metrics
+
+    snap = Metrics().snapshot(replayed=7, replay_duplicates=3, replay_quarantined=1, replay_bad_lines=2,
+                              replayed_files=4)
+    families = {f.name: f for f in snapshot_families(snap)}
+    rows = families["tagwriter_replayed_rows"]
+    assert rows.type == "counter"
+    assert {s.labels["outcome"]: s.value for s in rows.samples if s.name.endswith("_total")} == {
+        "inserted": 7, "duplicate": 3, "quarantined": 1, "bad_line": 2}
+    assert [s.value for s in families["tagwriter_replayed_files"].samples if s.name.endswith("_total")] == [4]
+
