@@ -408,9 +408,15 @@ class Search:
     def max_rate(self) -> float:
         return self.best.offered_per_s if self.best is not None else 0.0
 
+    @property
+    def bounded(self) -> bool:
+        """True if a higher rate failed: `max_rate` is the ceiling, not just a lower bound the budget allowed."""
+        return any(why and t.offered_per_s > self.max_rate for t, why in self.trials)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "budget_s": self.budget_s, "elapsed_s": self.elapsed_s, "max_sustained_per_s": self.max_rate,
+            "bounded": self.bounded,
             "criterion": (f"thresholds on latency, buffer and drops hold, no problem, and at least "
                           f"{KEEP_UP_RATIO:.0%} of the offered rate is written"),
             "trials": [{"offered_per_s": t.offered_per_s, "achieved_per_s": t.achieved_per_s,
@@ -595,8 +601,12 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     if report["search"] is not None:
         srch = report["search"]
-        rows.append(("max sustained rate", f"{srch['max_sustained_per_s']:,.0f} values/s "
-                                           f"({len(srch['trials'])} trials in {srch['elapsed_s']:.0f} s)"))
+        at_least = "" if srch["bounded"] else "at least "
+        rows.append(("max sustained rate", f"{at_least}{srch['max_sustained_per_s']:,.0f} values/s "
+                                           f"({len(srch['trials'])} trials in {srch['elapsed_s']:.0f} s"
+                                           + ("" if srch["bounded"] else
+                                              "; no failing rate within the budget: raise --duration or "
+                                              "--start-rate") + ")"))
     rows += [
         ("offered", f"{r['offered_per_s']:,.0f} values/s (submitted {r['submitted_per_s']:,.0f}/s)"),
         ("achieved", f"{r['achieved_per_s']:,.0f} values/s written"),

@@ -206,6 +206,7 @@ def test_find_max_rate_stops_at_the_time_budget() -> None:
     search = loadtest.find_max_rate(run, Thresholds(), budget_s=7, clock=lambda: now[0])
     assert len(search.trials) == 3  # a fourth would end at 8 s
     assert search.elapsed_s <= 7
+    assert not search.bounded and search.as_dict()["bounded"] is False  # every trial passed: a lower bound
 
 
 def test_find_max_rate_halves_when_the_start_rate_fails() -> None:
@@ -213,6 +214,7 @@ def test_find_max_rate_halves_when_the_start_rate_fails() -> None:
                                     start_rate=1000, precision=0.1, clock=lambda: 0.0)
     assert [t.offered_per_s for t, _ in search.trials][:3] == [1000, 500, 250]
     assert 250 <= search.max_rate <= 300
+    assert search.bounded
 
 
 def test_violation_messages_say_by_how_much() -> None:
