@@ -14,7 +14,7 @@ the writer into the sink (open / write_batch / probe); "submit max" the
 longest `Pipeline.submit` call.
 
 Time: the 30 s black hole and the 60 s flapping run are marked `slow`
-(`-m "not slow"` leaves them out: ~30 s); the whole module takes ~80 s.
+(`-m "not slow"` leaves them out: ~30 s); the whole module takes ~2 min.
 """
 
 from __future__ import annotations
