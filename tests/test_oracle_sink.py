@@ -9,6 +9,7 @@ table inspection, and retry-then-outage through the real Pipeline and Writer.
 from __future__ import annotations
 
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -144,6 +145,9 @@ CASES: list[tuple[str, str, Callable[[], BaseException], type[SinkError], str, s
     ("replay", "executemany", lambda: ora(25408, "can not safely replay call"), TransientError, "ORA-25408", ""),
     ("closed", "commit", lambda: dpy(1001), TransientError, "DPY-1001", ""),
     ("bug", "executemany", lambda: TypeError("expecting string"), FatalError, "TypeError", ""),
+    # python-oracledb lets a DNS failure through as a bare socket.gaierror: a network problem
+    ("dns", "connect", lambda: socket.gaierror(-2, "Name or service not known"), TransientError, "EAI_NONAME",
+     "does not resolve"),
 ]
 
 

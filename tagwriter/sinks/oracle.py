@@ -211,6 +211,12 @@ def classify(exc: BaseException, where: str, *, target: str = "the database", ta
     if isinstance(exc, SinkError):
         return type(exc)(f"{where}: {exc.message}", code=exc.code, hint=exc.hint)
     code = error_code(exc)
+    if not code and isinstance(exc, OSError):
+        # The driver lets some socket errors through unwrapped (a DNS failure is a bare
+        # socket.gaierror): a network problem, so transient, with the socket hints.
+        host, _, port = target.rpartition(":")
+        failure = _socket_error(exc, host or target, int(port) if port.isdigit() else 0, 0.0)
+        return TransientError(f"{where}: {failure.message}", code=failure.code, hint=failure.hint)
     text = redact(error_text(exc), secrets)
     hint = hint_for(code, text, target, table)
     message = f"{where}: {text}"
