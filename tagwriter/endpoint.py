@@ -11,9 +11,10 @@ Paths (GET or HEAD; anything else 404 / 405):
 - `/healthz`: 200 `ok: writing`, or 503 with the reason (see `health`).
 
 The server runs in one daemon thread, answers each request in its own daemon
-thread, reads one snapshot per request and never blocks the writer beyond the
-metrics lock a snapshot takes; accepts are paced (MIN_INTERVAL) so a client
-asking back to back cannot take the writer's CPU. Requests are logged at DEBUG
+thread and never blocks the writer beyond the metrics lock a snapshot takes.
+A rendered response is reused for RENDER_TTL (concurrent scrapers share one
+snapshot) and accepts are paced (MIN_INTERVAL), so a client asking back to
+back cannot take the writer's CPU. Requests are logged at DEBUG
 only. `fetch_status` is the client side, used by `tagwriter status`.
 """
 
@@ -56,9 +57,13 @@ HEALTH_PATH = "/healthz"
 # taken from LATENCY_BOUNDS itself so every cumulative bucket count is exact.
 PROMETHEUS_LATENCY_BOUNDS = [b for i, b in enumerate(LATENCY_BOUNDS) if i % 6 == 0 and b >= 0.00099]
 
-# At most one request accepted per MIN_INTERVAL seconds (40/s): unpaced, a client
-# requesting back to back cut the writer's throughput to 15-20% on 2 cores.
-MIN_INTERVAL = 0.025
+# Unpaced and rendering a snapshot per request, a client requesting back to back cut
+# the writer's throughput to 15-20% on 2 cores. Now a rendered response is reused for
+# RENDER_TTL seconds, and accepts are paced to one per MIN_INTERVAL (50/s) sustained,
+# with bursts of ACCEPT_BURST taken at once (many scrapers or dashboards asking at once).
+RENDER_TTL = 0.025
+MIN_INTERVAL = 0.020
+ACCEPT_BURST = 50
 
 # Drop reasons the pipeline records; exposed at 0 from the start so rate() works.
 DROP_REASONS = ("overflow", "block_timeout", "spool_full", "spool_error", "quarantine_error")
@@ -258,8 +263,12 @@ class _Handler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _method_not_allowed
 
     def _respond(self, *, send_body: bool) -> None:
-        path = self.path.split("?", 1)[0]
-        app = self.server.app
+        status, body, ctype = self.server.app.response(self.path.split("?", 1)[0])
+        self._send(status, body, ctype, send_body=send_body)
+
+    @staticmethod
+    def render(app: MetricsServer, path: str) -> tuple[HTTPStatus, bytes, str]:
+        """The response for `path`, computed now."""
         try:
             if path == JSON_PATH:
                 status, body, ctype = HTTPStatus.OK, snapshot_json(app.source.snapshot()), "application/json"
@@ -276,7 +285,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug in reading metrics must not kill the server
             log.exception("metrics endpoint: %s failed", path)
             status, body, ctype = HTTPStatus.INTERNAL_SERVER_ERROR, f"error: {exc}\n".encode(), "text/plain"
-        self._send(status, body, ctype, send_body=send_body)
+        return status, body, ctype
 
     def _send(self, status: HTTPStatus, body: bytes, ctype: str, *, send_body: bool,
               extra: dict[str, str] | None = None) -> None:
@@ -316,10 +325,12 @@ class MetricsServer:
 
     def __init__(
         self, source: MetricsSource, host: str = "127.0.0.1", port: int = 0, *,
-        health_max_buffer_pct: float = 80.0, min_interval: float = MIN_INTERVAL,
+        health_max_buffer_pct: float = 80.0, min_interval: float = MIN_INTERVAL, render_ttl: float = RENDER_TTL,
     ) -> None:
         self.source = source
         self.min_interval = min_interval
+        self.render_ttl = render_ttl
+        self.renders = 0  # responses rendered (not served from the cache)
         self.host = host
         self.health_max_buffer_pct = health_max_buffer_pct
         self.registry = CollectorRegistry(auto_describe=False)
@@ -329,6 +340,21 @@ class MetricsServer:
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._cache: dict[str, tuple[float, tuple[HTTPStatus, bytes, str]]] = {}
+        self._cache_lock = threading.Lock()
+
+    def response(self, path: str) -> tuple[HTTPStatus, bytes, str]:
+        """The response for `path`, rendered at most once per RENDER_TTL (requests at the same time share it)."""
+        with self._cache_lock:
+            now = time.monotonic()
+            hit = self._cache.get(path)
+            if hit is not None and now - hit[0] < self.render_ttl:
+                return hit[1]
+            rendered = _Handler.render(self, path)
+            self.renders += 1
+            if path in (JSON_PATH, PROMETHEUS_PATH, HEALTH_PATH):
+                self._cache[path] = (now, rendered)
+            return rendered
 
     @property
     def port(self) -> int:
@@ -376,15 +402,18 @@ class MetricsServer:
     def _serve(self) -> None:
         httpd = self._httpd
         assert httpd is not None
+        # Pace accepts with a token bucket: a burst of up to ACCEPT_BURST requests (many
+        # scrapers at once) is taken at once, a client asking back to back gets one per
+        # min_interval and cannot take the writer's CPU (tests/benchmarks/bench_endpoint.py);
+        # callers wait in the listen backlog.
+        tokens, last = float(ACCEPT_BURST), time.monotonic()
         while not self._stop.is_set():
-            # Waits at most httpd.timeout for a connection; each request gets its own thread.
-            started = time.monotonic()
-            httpd.handle_request()
-            # Pace accepts: a client asking back to back must not take the writer's CPU
-            # (measured in tests/benchmarks/bench_endpoint.py); callers wait in the backlog.
-            rest = self.min_interval - (time.monotonic() - started)
-            if rest > 0:
-                self._stop.wait(rest)
+            httpd.handle_request()  # waits at most httpd.timeout; each request gets its own thread
+            now = time.monotonic()
+            tokens = min(float(ACCEPT_BURST), tokens + (now - last) / self.min_interval) - 1.0
+            last = now
+            if tokens < 0:
+                self._stop.wait(-tokens * self.min_interval)
 
     def stop(self, timeout: float = 1.0) -> bool:
         """Stop serving and close the socket; True if the server thread ended within `timeout`."""

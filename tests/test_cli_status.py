@@ -32,7 +32,7 @@ def invoke(args: list[str], tmp_path: Path, config_text: str = "") -> Result:
 def live(tmp_path: Path) -> Iterator[tuple[Pipeline, MetricsServer, MemorySink]]:
     sink = MemorySink(inner=SqliteSink(tmp_path / "tags.db"))
     pipeline = Pipeline(make_config(tmp_path), sink=sink).start()
-    server = MetricsServer(pipeline, port=0).start()
+    server = MetricsServer(pipeline, port=0, render_ttl=0).start()
     try:
         for data in polls(12):
             pipeline.submit(data)
@@ -152,7 +152,7 @@ def test_status_exits_1_when_the_buffer_is_above_the_threshold(tmp_path: Path) -
     cfg = make_config(tmp_path, buffer=BufferConfig(capacity=100), writer=WriterConfig(batch_size=10),
                       metrics=MetricsConfig(health_max_buffer_pct=health_pct))
     with Pipeline(cfg, sink=sink) as pipeline:
-        server = MetricsServer(pipeline, port=0, health_max_buffer_pct=health_pct).start()
+        server = MetricsServer(pipeline, port=0, health_max_buffer_pct=health_pct, render_ttl=0).start()
         try:
             sink.block()
             pipeline.submit(next(polls(1, tags=10)))

@@ -191,7 +191,7 @@ def test_healthz_503_when_the_buffer_is_above_the_threshold(tmp_path: Path) -> N
     cfg = make_config(tmp_path, buffer=BufferConfig(capacity=100),
                       writer=WriterConfig(batch_size=10, flush_interval=0.01))
     with Pipeline(cfg, sink=sink) as pipeline:
-        server = MetricsServer(pipeline, port=0, health_max_buffer_pct=50.0).start()
+        server = MetricsServer(pipeline, port=0, health_max_buffer_pct=50.0, render_ttl=0).start()
         try:
             sink.block()
             pipeline.submit(next(polls(1, tags=10)))
@@ -321,3 +321,20 @@ def test_drain_counters_are_exported_by_outcome() -> None:
         "inserted": 7, "duplicate": 3, "quarantined": 1, "bad_line": 2}
     assert [s.value for s in families["tagwriter_replayed_files"].samples if s.name.endswith("_total")] == [4]
 
+
+def test_concurrent_scrapers_share_one_rendering(running: tuple[Pipeline, MetricsServer]) -> None:
+    """Requests within the render TTL get the same body, rendered once; all 20 concurrent ones are answered."""
+    import concurrent.futures
+
+    pipeline, _ = running
+    server = MetricsServer(pipeline, port=0, render_ttl=60.0).start()  # a TTL no scheduling delay reaches
+    try:
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda _: get(server.url + "/metrics"), range(20)))
+        assert all(status == 200 for status, _, _ in answers)
+        assert len({body for _, body, _ in answers}) == 1
+        assert server.renders == 1
+        first = server.response("/api/buffer/metrics")
+        assert server.response("/api/buffer/metrics") is first and server.renders == 2
+    finally:
+        server.stop(1.0)

@@ -8,7 +8,9 @@ alternated `repeats` times in one run:
 - baseline: nobody scrapes;
 - paced:    a client process reads /api/buffer/metrics, /metrics, /healthz
             every 100 ms (30 requests/s; Prometheus' default is one every 15 s);
-- flat-out: a client process requests the three paths back to back.
+- flat-out: a client process requests the three paths back to back;
+- burst-40: once a second, 40 concurrent requests (threads) to the three paths,
+            as when many scrapers or dashboards ask at the same moment.
 The client runs in its own process (as Prometheus would) and times each
 response end to end (connect to last byte). Reported: p50 / p99 / max response
 time per mode (target: every response < 500 ms), and the writer's throughput
@@ -32,8 +34,44 @@ PATHS = ("/api/buffer/metrics", "/metrics", "/healthz")
 WARMUP = 1.0
 
 
+def fetch(url: str) -> float | None:
+    """One request, timed connect to last byte; None on a transport error."""
+    t = time.perf_counter()
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            resp.read()
+    except urllib.error.HTTPError as exc:  # 503 from /healthz is an answer too
+        exc.read()
+        exc.close()
+    except OSError:
+        return None
+    return time.perf_counter() - t
+
+
+def burst_client(url: str, seconds: float, n: int = 40) -> None:
+    """Runs in the child process: every second, `n` concurrent requests; print their times as JSON."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    times: list[float] = []
+    errors = 0
+    end = time.monotonic() + seconds
+    with ThreadPoolExecutor(n) as pool:
+        while time.monotonic() < end:
+            started = time.monotonic()
+            for took in pool.map(fetch, [url + PATHS[i % len(PATHS)] for i in range(n)]):
+                if took is None:
+                    errors += 1
+                else:
+                    times.append(took)
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+    print(json.dumps({"times": times, "errors": errors}))
+
+
 def client(url: str, seconds: float, pace: float) -> None:
     """Runs in the child process: hit PATHS round-robin, print response times (s) as JSON."""
+    if pace < 0:
+        burst_client(url, seconds)
+        return
     times: list[float] = []
     errors = 0
     end = time.monotonic() + seconds
@@ -83,7 +121,7 @@ def phase(mode: str, seconds: float, work: Path) -> dict[str, object]:
     producer.start()
     proc = None
     if mode != "baseline":
-        pace = "0.1" if mode == "paced" else "0"
+        pace = {"paced": "0.1", "flat-out": "0", "burst-40": "-1"}[mode]
         proc = subprocess.Popen(
             [sys.executable, __file__, "--client", server.url, "--seconds", str(seconds + WARMUP), "--pace", pace],
             stdout=subprocess.PIPE, text=True,
@@ -120,7 +158,7 @@ def main() -> None:
     if args.client:
         client(args.client, args.seconds, args.pace)
         return
-    modes = ("baseline", "paced", "flat-out")
+    modes = ("baseline", "paced", "flat-out", "burst-40")
     rates: dict[str, list[float]] = {m: [] for m in modes}
     times: dict[str, list[float]] = {m: [] for m in modes}
     errors = dict.fromkeys(modes, 0)
