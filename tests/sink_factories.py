@@ -5,18 +5,9 @@ an opened AdminSink and a function returning every stored row as TagValues
 sorted by (tag, ts). "sqlite" always runs; "oracle" runs when
 TAGWRITER_TEST_ORACLE_URL is set (oracle://USER:PASSWORD@HOST:PORT/SERVICE, or
 the password in TAGWRITER_TEST_ORACLE_PASSWORD) and is skipped with that reason
-otherwise. Adding a database is a factory plus one entry, e.g.:
-
-    @contextmanager
-    def _postgres(tmp_path: Path) -> Iterator[Opened]:
-        sink = PostgresSink.from_config(DatabaseConfig(url=..., table=unique_table_name()))
-        sink.create_table(); sink.open()
-        try:
-            yield sink, lambda: read_with(sink)   # SELECT ... ORDER BY tag, ts -> TagValues
-        finally:
-            drop_table(sink); sink.close()
-
-    SINKS["postgresql"] = SinkCase("postgresql", _postgres, unavailable=pg_unreachable_reason)
+otherwise; "postgresql" runs against the real server of tests/pg_util.py (a
+fresh database per test) and is skipped with the reason where none answers.
+Adding a database is a factory plus one entry in SINKS.
 """
 
 from __future__ import annotations
@@ -44,7 +35,8 @@ class SinkCase:
 
     `nan`: what a NaN value reads back as: "nan", or "null" (stored as NULL).
     `bad_row`: a row this database rejects (quarantine path), or None if it
-    accepts every row tagwriter can build.
+    accepts every row tagwriter can build. `quality_max`: the largest quality
+    its default table holds (DESIGN.md: PostgreSQL's is smallint).
     """
 
     name: str
@@ -52,6 +44,7 @@ class SinkCase:
     unavailable: Callable[[], str | None] = lambda: None
     nan: str = "nan"
     bad_row: TagValue | None = None
+    quality_max: int = 65535
 
 
 _counter = itertools.count()
@@ -126,9 +119,39 @@ def _oracle(tmp_path: Path) -> Iterator[Opened]:
             sink.close()
 
 
+# -- postgresql --------------------------------------------------------------------------
+
+
+@contextmanager
+def _postgresql(tmp_path: Path) -> Iterator[Opened]:
+    from pg_util import fresh_database  # skips (with the reason) without psycopg or a server
+
+    from tagwriter.sinks.postgresql import PostgresSink
+
+    with fresh_database("tw_contract") as db:
+        sink = PostgresSink.from_config(DatabaseConfig(url=db.url()))
+        sink.create_table()
+        sink.open()
+
+        def read() -> list[TagValue]:
+            with db.connect() as conn:
+                rows = conn.execute(
+                    "SELECT tag_name, ((extract(epoch FROM ts - 'epoch'::timestamptz) * 1000000))::int8, "
+                    "value, quality FROM tag_values"
+                ).fetchall()
+            return sorted(TagValue(tag, ts_us, value, quality) for tag, ts_us, value, quality in rows)
+
+        try:
+            yield sink, read
+        finally:
+            sink.close()
+
+
 SINKS: dict[str, SinkCase] = {
     "sqlite": SinkCase("sqlite", _sqlite, nan="null",
                        bad_row=TagValue(None, 1_700_000_000_000_000, 1.0)),  # type: ignore[arg-type]
     "oracle": SinkCase("oracle", _oracle, unavailable=_oracle_unavailable, nan="nan",
                        bad_row=TagValue("x" * 200, 1_700_000_000_000_000, 1.0)),
+    "postgresql": SinkCase("postgresql", _postgresql, nan="nan", quality_max=32767,
+                           bad_row=TagValue("nul\x00tag", 1_700_000_000_000_000, 1.0)),
 }

@@ -62,12 +62,12 @@ def test_a_rejected_row_does_not_block_the_batch(case: SinkCase, opened: Opened)
     assert read() == good
 
 
-def test_types_round_trip(opened: Opened) -> None:
+def test_types_round_trip(case: SinkCase, opened: Opened) -> None:
     sink, read = opened
     rows = [
         TagValue("Kessel-3/Temperatur °C", T0, 21.123456789012345, 192),
         TagValue("big", T0, 1.7976931348623157e308, 0),
-        TagValue("tiny", T0, 5e-324, 65535),
+        TagValue("tiny", T0, 5e-324, min(65535, case.quality_max)),
         TagValue("neg", T0, -0.1, 24),
         TagValue("x" * 128, T0, 0.0, 192),
     ]
