@@ -153,8 +153,8 @@ class Config:
                 value = getattr(getattr(self, section.name), f.name)
                 if redact and f.metadata.get("secret") and value:
                     value = REDACTED
-                if redact and f.name == "url":
-                    value = redact_url(value)
+                if redact:
+                    value = redact_value(f.name, value)
                 values[f.name] = value
             out[section.name] = values
         return out
@@ -171,18 +171,22 @@ def load(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    origins: Mapping[str, str] | None = None,
 ) -> Config:
     """The effective config: defaults, then the file, then env, then `overrides`.
 
     `path=None` reads `./tagwriter.toml` if present. `overrides` maps dotted key
-    paths (`writer.batch_size`) to values, as the CLI flags give them.
-    Raises ConfigError naming the file:line or key path.
+    paths (`writer.batch_size`) to values, as the CLI flags give them;
+    `origins` names where each came from (`--batch-size`) for error messages.
+    Raises ConfigError naming the file:line or key path; a bad value raises
+    ConfigValueError, which also says where the value came from.
     """
     if path is None:
         path = DEFAULT_PATH if DEFAULT_PATH.is_file() else None
-    raw: dict[str, Any] = read_toml(Path(path)) if path is not None else {}
+    text = _read_text(Path(path)) if path is not None else ""
+    raw: dict[str, Any] = _parse_toml(Path(path), text) if path is not None else {}
     origin = str(path) if path is not None else "defaults"
-    tree = _tree_from_mapping(raw, origin)
+    tree = _tree_from_mapping(raw, origin, text)
     env = os.environ if env is None else env
     for name, text in sorted(env.items()):
         if name.startswith(ENV_PREFIX) and name not in ENV_NOT_CONFIG and not name.startswith(ENV_PREFIX + "TEST_"):
@@ -190,19 +194,36 @@ def load(
     for dotted, value in (overrides or {}).items():
         if value is not None:
             section, _, key = dotted.partition(".")
-            _set(tree, section, key, value, f"option for {dotted}")
+            where = (origins or {}).get(dotted, f"option for {dotted}")
+            _set(tree, section, key, value, where, origin_kind="flag")
     config = Config(**{name: cls(**tree[name]) for name, cls in _sections().items()})
     validate(config)
     return config
 
 
 def read_toml(path: Path) -> dict[str, Any]:
+    return _parse_toml(path, _read_text(path))
+
+
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file", hint="tagwriter config init writes one") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x} at column {exc.start - line_start + 1})",
+            hint="save the file as UTF-8",
+        ) from None
+
+
+def _parse_toml(path: Path, text: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -231,7 +252,7 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _tree_from_mapping(raw: Mapping[str, Any], origin: str) -> dict[str, dict[str, Any]]:
+def _tree_from_mapping(raw: Mapping[str, Any], origin: str, text: str = "") -> dict[str, dict[str, Any]]:
     sections = _sections()
     tree: dict[str, dict[str, Any]] = {name: {} for name in sections}
     for section, values in raw.items():
@@ -243,11 +264,44 @@ def _tree_from_mapping(raw: Mapping[str, Any], origin: str) -> dict[str, dict[st
         if not isinstance(values, Mapping):
             raise ConfigError(f"{origin}: {section} must be a table [{section}], not a value")
         for key, value in values.items():
-            _set(tree, section, key, value, origin)
+            line = _line_of(text, section, key)
+            _set(tree, section, key, value, f"{origin}:{line}" if line else origin, origin_kind="file")
     return tree
 
 
-def _set(tree: dict[str, dict[str, Any]], section: str, key: str, value: Any, origin: str) -> None:
+def _line_of(text: str, section: str, key: str) -> int | None:
+    """The line of `key = ...` under `[section]` in TOML text, if it is written that simple way."""
+    current = None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        header = re.match(r"^\[\s*([A-Za-z0-9_-]+)\s*\]", stripped)
+        if header:
+            current = header.group(1)
+        elif current == section and re.match(rf"^(?:{re.escape(key)}|\"{re.escape(key)}\")\s*=", stripped):
+            return number
+    return None
+
+
+class ConfigValueError(ConfigError):
+    """A bad value of one key; `key` is its path, `origin` "file", "env" or "flag"."""
+
+    def __init__(self, message: str, *, hint: str = "", key: str = "", origin: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.key = key
+        self.origin = origin
+
+
+def _coerce_from(where: str, origin_kind: str, path: str, f: dataclasses.Field[Any], value: Any) -> Any:
+    """`_coerce`, with an error that says where the value came from."""
+    try:
+        return _coerce(path, f, value)
+    except ConfigError as exc:
+        raise ConfigValueError(f"{where}: {exc.message}", hint=exc.hint, key=path, origin=origin_kind) from None
+
+
+def _set(
+    tree: dict[str, dict[str, Any]], section: str, key: str, value: Any, origin: str, *, origin_kind: str = "file"
+) -> None:
     if section not in tree:
         raise ConfigError(f"{origin}: unknown section {section!r}{_did_you_mean(section, list(tree))}")
     fields = _fields(section)
@@ -256,7 +310,7 @@ def _set(tree: dict[str, dict[str, Any]], section: str, key: str, value: Any, or
             f"{origin}: unknown key {section}.{key}{_did_you_mean(key, list(fields))}",
             hint=f"keys of [{section}]: {', '.join(fields)}",
         )
-    tree[section][key] = _coerce(f"{section}.{key}", fields[key], value)
+    tree[section][key] = _coerce_from(origin, origin_kind, f"{section}.{key}", fields[key], value)
 
 
 def _apply_env(tree: dict[str, dict[str, Any]], name: str, text: str) -> None:
@@ -269,7 +323,8 @@ def _apply_env(tree: dict[str, dict[str, Any]], name: str, text: str) -> None:
                 raise ConfigError(
                     f"environment {name}: unknown key {section}.{key}{_did_you_mean(key, list(fields))}"
                 )
-            tree[section][key] = _coerce(f"{section}.{key}", fields[key], _parse_env(fields[key], text, name))
+            parsed = _parse_env(fields[key], text, name)
+            tree[section][key] = _coerce_from(f"environment {name}", "env", f"{section}.{key}", fields[key], parsed)
             return
     raise ConfigError(f"environment {name}: no config section matches", hint="use TAGWRITER_SECTION_KEY")
 
@@ -280,25 +335,26 @@ def _field_type(f: dataclasses.Field[Any]) -> Any:
 
 def _parse_env(f: dataclasses.Field[Any], text: str, name: str) -> Any:
     kind = _field_type(f)
+    shown = REDACTED if f.metadata.get("secret") else repr(redact_value(f.name, text))
     if kind is bool:
         low = text.strip().lower()
         if low in ("1", "true", "yes", "on"):
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"environment {name} = {text!r}: must be true or false")
+        raise ConfigError(f"environment {name} = {shown}: must be true or false")
     if kind is list:
         parts = [p for p in re.split(r"[,\s]+", text.strip().strip("[]")) if p]
         try:
             return [float(p) for p in parts]
         except ValueError:
-            raise ConfigError(f"environment {name} = {text!r}: must be numbers separated by commas") from None
+            raise ConfigError(f"environment {name} = {shown}: must be numbers separated by commas") from None
     if kind in (int, float):
         try:
             return kind(text.replace("_", ""))
         except ValueError:
             what = "an integer" if kind is int else "a number"
-            raise ConfigError(f"environment {name} = {text!r}: must be {what}") from None
+            raise ConfigError(f"environment {name} = {shown}: must be {what}") from None
     return text
 
 
@@ -331,6 +387,7 @@ def _coerce(path: str, f: dataclasses.Field[Any], value: Any) -> Any:
 def _show(f: dataclasses.Field[Any], value: Any) -> str:
     if f.metadata.get("secret"):
         return REDACTED
+    value = redact_value(f.name, value)
     try:
         return toml_value(value) if _tomlable(value) else repr(value)
     except (TypeError, ValueError):  # e.g. a list holding a value TOML cannot express
@@ -409,7 +466,13 @@ SCHEMES = {"sqlite": "sqlite", "oracle": "oracle", "postgresql": "postgresql", "
 
 
 def parse_url(url: str) -> DatabaseURL:
-    """Parse a database URL; raises ConfigError for an unknown scheme or shape."""
+    """Parse a database URL; raises ConfigError for an unknown scheme or shape.
+
+    `SCHEME://[USER[:PASSWORD]@]HOST[:PORT][/NAME][?QUERY]`: the user part ends at
+    the LAST '@', and everything after the first ':' of it is the password, so a
+    password may hold '@', '/' or ':' without percent-encoding. Errors show the
+    URL redacted.
+    """
     scheme, sep, rest = url.partition("://")
     kind = SCHEMES.get(scheme.lower()) if sep else None
     if kind is None:
@@ -422,24 +485,65 @@ def parse_url(url: str) -> DatabaseURL:
         if not path:
             raise ConfigError("database.url: sqlite needs a file, e.g. sqlite:///tagwriter.db")
         return DatabaseURL("sqlite", path=path)
-    parts = urlsplit(url)
+    userinfo, _, hostpart = rest.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    # Only the part after the user info goes to urlsplit: it holds no secret.
+    parts = urlsplit(f"{scheme}://{hostpart}")
     try:
         port = parts.port
     except ValueError:
         raise ConfigError(f"database.url = {redact_url(url)!r}: bad port") from None
     return DatabaseURL(
         kind,
-        user=unquote(parts.username or ""),
-        password=unquote(parts.password or ""),
+        user=unquote(user),
+        password=unquote(password),
         host=parts.hostname or "",
         port=port,
         name=parts.path.lstrip("/"),
     )
 
 
+SECRET_PARAM = re.compile(r"([?&;][^=&;#]*(?:password|passwd|pwd)[^=&;#]*=)[^&;#]*", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by `***`."""
-    return re.sub(r"(://[^/@:]*):[^/@]*@", rf"\1:{REDACTED}@", url)
+    """The URL with any password replaced by `***`: in the user info and in query parameters.
+
+    The user info ends at the last '@' (a password may hold '@', '/' or ':').
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:  # not a URL at all (a typo?): still hide what looks like user:password@
+        scheme, rest = "", url
+    if scheme.lower() != "sqlite":  # a file path may hold ':' and '@'
+        userinfo, at, hostpart = rest.rpartition("@")
+        if at and ":" in userinfo:
+            rest = f"{userinfo.partition(':')[0]}:{REDACTED}@{hostpart}"
+    return _redact_params(f"{scheme}{sep}{rest}")
+
+
+def redact_dsn(dsn: str) -> str:
+    """An Oracle connect string with the password of `user/password@...` and password parameters as `***`."""
+    if "://" in dsn:
+        return redact_url(dsn)
+    userinfo, at, rest = dsn.rpartition("@")
+    if at and "/" in userinfo:
+        dsn = f"{userinfo.partition('/')[0]}/{REDACTED}@{rest}"
+    return _redact_params(dsn)
+
+
+def _redact_params(text: str) -> str:
+    return SECRET_PARAM.sub(rf"\1{REDACTED}", text)
+
+
+def redact_value(key: str, value: Any) -> Any:
+    """`value` of config key `key` (`url`, `dsn`, ...) with any password in it redacted."""
+    if not isinstance(value, str):
+        return value
+    if key == "url":
+        return redact_url(value)
+    if key == "dsn":
+        return redact_dsn(value)
+    return value
 
 
 # -- documentation -------------------------------------------------------------

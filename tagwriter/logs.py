@@ -6,6 +6,8 @@ import logging
 import logging.handlers
 from pathlib import Path
 
+from tagwriter.errors import ConfigError
+
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
@@ -21,24 +23,34 @@ def configure_logging(
     """Log to the console (stderr, or `console_handler`) and, if `file`, a rotating file.
 
     Replaces handlers an earlier call installed, so it may be called again.
+    Raises ConfigError (and changes nothing) if the file cannot be opened.
     """
+    handlers: list[logging.Handler] = []
+    if file:
+        handlers.append(_file_handler(file, max_bytes, backup_count))
+    if console:
+        handlers.insert(0, console_handler or logging.StreamHandler())
     root = logging.getLogger("tagwriter")
     root.setLevel(level.upper())
     for handler in list(root.handlers):
         if getattr(handler, "_tagwriter", False):
             root.removeHandler(handler)
             handler.close()
-    handlers: list[logging.Handler] = []
-    if console:
-        handlers.append(console_handler or logging.StreamHandler())
-    if file:
-        Path(file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(
-            logging.handlers.RotatingFileHandler(
-                file, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8"
-            )
-        )
     for handler in handlers:
         handler.setFormatter(logging.Formatter(FORMAT))
         handler._tagwriter = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+
+
+def _file_handler(file: str | Path, max_bytes: int, backup_count: int) -> logging.Handler:
+    """A rotating file handler; ConfigError naming `logging.file` if the file cannot be opened."""
+    try:
+        Path(file).parent.mkdir(parents=True, exist_ok=True)
+        return logging.handlers.RotatingFileHandler(file, maxBytes=max_bytes, backupCount=backup_count,
+                                                    encoding="utf-8")
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if isinstance(exc, FileExistsError | NotADirectoryError):
+            why = f"{why}: a part of the path is a file, not a folder"
+        raise ConfigError(f"logging.file = {str(file)!r}: cannot open: {why}",
+                          hint="give a file path in a writable folder (--log-file or logging.file)") from None

@@ -78,6 +78,45 @@ def test_version() -> None:
     assert result.exit_code == 0 and re.match(r"tagwriter \d+\.\d+", result.stdout)
 
 
+def test_version_verbose_names_the_installed_versions() -> None:
+    from importlib.metadata import version
+
+    result = invoke(["version", "-v"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    for dist in ("rich", "typer", "oracledb"):
+        assert f"{dist} {version(dist)}" in lines
+    assert "unknown" not in result.stdout
+
+
+# -- global options after the command --------------------------------------------------------
+
+
+def test_global_options_may_follow_the_command(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text("[writer]\nbatch_size = 7\n")
+    (tmp_path / "in.jsonl").write_text(jsonl(14))
+    result = invoke(["config", "show", "--config", "c.toml", "--log-level", "debug"])
+    assert result.exit_code == 0, result.output
+    assert "batch_size = 7" in result.stdout and 'level = "DEBUG"' in result.stdout
+    result = invoke(["run", "-i", "in.jsonl", "-c", "c.toml", "--log-file=logs/tw.log", "--log-level", "warning"])
+    assert result.exit_code == 0, result.output
+    assert "batches: 2 written" in result.stdout
+    assert "INFO" not in result.stderr
+    assert (tmp_path / "logs" / "tw.log").is_file()
+    # After the command it wins over the same option before it, as a repeated option does.
+    result = invoke(["--config", "missing.toml", "config", "validate", "--config", "c.toml"])
+    assert result.exit_code == 0, result.output
+
+
+def test_hoisting_global_options_leaves_everything_else_in_order() -> None:
+    from tagwriter.cli.common import hoist_global_options
+
+    assert hoist_global_options(["run", "-i", "x", "--config", "c.toml", "--seed", "3", "--log-file=l.log"]) == [
+        "--config", "c.toml", "--log-file=l.log", "run", "-i", "x", "--seed", "3"]
+    assert hoist_global_options(["-c", "a", "run", "--", "--config", "b"]) == ["-c", "a", "run", "--", "--config", "b"]
+    assert hoist_global_options(["run", "--config"]) == ["run", "--config"]  # missing value: Click says so
+
+
 # -- run: the simulated source ---------------------------------------------------------------
 
 
@@ -177,7 +216,7 @@ def test_run_refuses_a_password_on_the_command_line() -> None:
 
 def test_run_unknown_database_kind() -> None:
     result = invoke(["run", "--database", "mysql://db/x"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a bad flag value is a usage error
     assert result.stderr.startswith("error: --database = 'mysql://db/x': unknown database kind")
 
 
@@ -186,10 +225,19 @@ def test_run_batch_size_and_flush_interval(tmp_path: Path) -> None:
     result = invoke(["run", "-i", "in.jsonl", "--batch-size", "7", "--flush-interval", "0.05"])
     assert result.exit_code == 0, result.output
     assert "batches: 10 written, 0 failed" in result.stdout
+
+    # A bad flag value is a usage error (exit 2) naming the flag; from the environment, exit 1 naming the variable.
     result = invoke(["run", "--batch-size", "0"])
-    assert result.exit_code == 1 and "writer.batch_size = 0: must be between 1 and 10000" in result.stderr
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[0] == "error: --batch-size: writer.batch_size = 0: must be between 1 and 10000"
     result = invoke(["run", "--flush-interval", "0"])
-    assert result.exit_code == 1 and "writer.flush_interval = 0.0: must be between 0.001 and 3600" in result.stderr
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: --flush-interval: writer.flush_interval = 0.0: must be between 0.001")
+    result = invoke(["run", "--metrics-port", "70000"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: --metrics-port: metrics.port = 70000")
+    result = invoke(["run", "--duration", "1"], env={"TAGWRITER_WRITER_BATCH_SIZE": "0"})
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: environment TAGWRITER_WRITER_BATCH_SIZE: writer.batch_size = 0: ")
 
 
 def test_run_duration_must_be_positive() -> None:
@@ -287,3 +335,22 @@ def test_status_line_is_one_concise_line() -> None:
     line = status_line(m.snapshot(buffer_size=10, buffer_capacity=100))
     assert "\n" not in line
     assert line.startswith("starting | buffer 10/100 (10.0%) | in ")
+
+
+def test_run_never_logs_a_password_from_the_url(tmp_path: Path) -> None:
+    """A PostgreSQL URL whose password holds '@' and '/', to a port nobody listens on: the run spools."""
+    secret = "p@ss/w0rd"
+    (tmp_path / "c.toml").write_text(
+        f'[database]\nurl = "postgresql://app:{secret}@127.0.0.1:{free_port()}/plant?password=qp4ss"\n'
+        "connect_timeout = 0.5\n"
+    )
+    (tmp_path / "in.jsonl").write_text(jsonl(20))
+    result = invoke(["run", "-i", "in.jsonl", "--config", "c.toml", "--log-level", "debug", "--log-file", "tw.log"])
+    for text in (result.stdout, result.stderr):
+        for part in (secret, "p@ss", "w0rd", "qp4ss"):
+            assert part not in text, text
+    assert summary(result.stdout)["spooled"] == 20, result.output
+    log_text = (tmp_path / "tw.log").read_text()
+    assert "stopping: end of input" in log_text
+    for part in (secret, "p@ss", "w0rd", "qp4ss"):
+        assert part not in log_text

@@ -241,3 +241,142 @@ def test_readme_reference_lists_every_key_with_its_default() -> None:
     assert not missing, f"README.md Configuration reference lacks {missing}; regenerate it from config.describe()"
     wrong = [key for key, default, _ in config_mod.describe() if rows[key] != default]
     assert not wrong, f"README.md shows other defaults for {wrong}"
+
+
+# -- secrets in URLs and connect strings ------------------------------------------
+
+
+@pytest.mark.parametrize(("url", "user", "password", "host", "name"), [
+    ("oracle://a:p@ss@h/x", "a", "p@ss", "h", "x"),
+    ("oracle://a:p/ss@h:1522/x", "a", "p/ss", "h", "x"),
+    ("postgresql://app:p:w@d@db:5432/plant", "app", "p:w@d", "db", "plant"),
+    ("postgresql://app@db/plant", "app", "", "db", "plant"),
+    ("oracle://db:1521/svc", "", "", "db", "svc"),
+])
+def test_url_user_info_ends_at_the_last_at_sign(url: str, user: str, password: str, host: str, name: str) -> None:
+    parsed = config_mod.parse_url(url)
+    assert (parsed.user, parsed.password, parsed.host, parsed.name) == (user, password, host, name)
+    shown = config_mod.redact_url(url)
+    assert shown == url.replace(f":{password}@", ":***@") if password else shown == url
+    if password:
+        assert password not in shown
+
+
+@pytest.mark.parametrize(("url", "secret"), [
+    ("oracle://a:p/ss@h:99999/x", "p/ss"),
+    ("oracle://a:p@ss@h:port/x", "p@ss"),
+    ("postgresql://u:s3cr3t@h:0x/x?password=s3cr3t", "s3cr3t"),
+])
+def test_url_errors_show_the_url_redacted(url: str, secret: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_mod.parse_url(url)
+    assert "bad port" in str(info.value)
+    assert secret not in str(info.value)
+    assert "***" in str(info.value)
+
+
+def test_dsn_and_password_query_parameters_are_redacted() -> None:
+    c = load(None, env={}, overrides={
+        "database.url": "postgresql://app@db:5432/plant?sslmode=require&password=qp4ss&x=1",
+        "database.dsn": "scott/t1ger@dbhost:1521/orclpdb?wallet_password=wp4ss",
+    })
+    shown = c.to_dict()["database"]
+    assert shown["url"] == "postgresql://app@db:5432/plant?sslmode=require&password=***&x=1"
+    assert shown["dsn"] == "scott/***@dbhost:1521/orclpdb?wallet_password=***"
+    assert c.to_dict(redact=False)["database"]["dsn"] == "scott/t1ger@dbhost:1521/orclpdb?wallet_password=wp4ss"
+    assert config_mod.redact_dsn("orclpdb_high") == "orclpdb_high"  # a TNS alias has no secret
+
+
+SECRET_CONFIG = """[database]
+url = "oracle://scott:p@ss/w0rd@dbhost:1521/orclpdb?password=qp4ss"
+dsn = "scott/dsn@pw@dbhost/orclpdb"
+"""
+
+
+def test_config_show_and_validate_never_print_url_or_dsn_passwords(tmp_path: Path) -> None:
+    path = write(tmp_path, SECRET_CONFIG)
+    for args in (["config", "show"], ["config", "validate"], ["run", "--duration", "0.1"]):
+        result = runner.invoke(app, ["--config", str(path), *args], env={"TAGWRITER_WRITER_BATCH_SIZE": "0"})
+        assert result.exit_code == 1  # the env error: the URL and dsn are parsed (and shown) first
+        for secret in ("p@ss", "w0rd", "qp4ss", "dsn@pw", "pw@"):
+            assert secret not in result.output, (args, result.output)
+    shown = runner.invoke(app, ["--config", str(path), "config", "show"])
+    assert shown.exit_code == 0, shown.output
+    data = tomllib.loads(shown.stdout.split("\n", 1)[1])
+    assert data["database"]["url"] == "oracle://scott:***@dbhost:1521/orclpdb?password=***"
+    assert data["database"]["dsn"] == "scott/***@dbhost/orclpdb"
+    ok = runner.invoke(app, ["--config", str(path), "config", "validate"])
+    assert ok.exit_code == 0 and "oracle://scott:***@dbhost:1521/orclpdb?password=***" in ok.stdout
+    for secret in ("p@ss", "w0rd", "qp4ss", "dsn@pw"):
+        assert secret not in shown.output + ok.output
+
+
+def test_bad_url_error_at_the_cli_is_redacted(tmp_path: Path) -> None:
+    path = write(tmp_path, '[database]\nurl = "oracle://a:p/ss@h:99999/x"\n')
+    result = runner.invoke(app, ["--config", str(path), "config", "validate"])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[0] == "error: database.url = 'oracle://a:***@h:99999/x': bad port"
+    assert "p/ss" not in result.output
+
+
+# -- where a bad value came from ----------------------------------------------------
+
+
+def test_a_bad_value_names_its_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, '# comment\n[buffer]\ncapacity = 10\n\n[writer]\nflush_interval = 1\n"batch_size" = 0\n')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:7: writer\.batch_size = 0: must be between"):
+        load(path, env={})
+
+
+def test_a_bad_value_in_an_inline_table_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "writer = { batch_size = 0 }\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: writer\.batch_size = 0: must be between"):
+        load(path, env={})
+
+
+def test_a_bad_value_names_its_environment_variable(tmp_path: Path) -> None:
+    with pytest.raises(config_mod.ConfigValueError) as info:
+        load(None, env={"TAGWRITER_WRITER_BATCH_SIZE": "0"})
+    assert str(info.value) == ("environment TAGWRITER_WRITER_BATCH_SIZE: "
+                               "writer.batch_size = 0: must be between 1 and 10000")
+    assert (info.value.key, info.value.origin) == ("writer.batch_size", "env")
+
+
+def test_a_bad_override_names_its_origin(tmp_path: Path) -> None:
+    with pytest.raises(config_mod.ConfigValueError) as info:
+        load(None, env={}, overrides={"writer.batch_size": 0}, origins={"writer.batch_size": "--batch-size"})
+    assert str(info.value) == "--batch-size: writer.batch_size = 0: must be between 1 and 10000"
+    assert info.value.origin == "flag"
+
+
+# -- files that cannot be used ---------------------------------------------------------
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin.toml"
+    path.write_bytes("[writer]\nbatch_size = 10 # d\xe9j\xe0 vu\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:2: not UTF-8 \(byte 0xe9 at column 20\)$"):
+        load(path, env={})
+    result = runner.invoke(app, ["--config", str(path), "config", "validate"])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [f"error: {path}:2: not UTF-8 (byte 0xe9 at column 20)",
+                                          "hint: save the file as UTF-8"]
+
+
+def test_a_log_file_that_cannot_be_opened_is_a_config_error(tmp_path: Path) -> None:
+    from tagwriter.logs import configure_logging
+
+    afile = write(tmp_path, "x", "afile")
+    for bad in (tmp_path, afile / "x.log"):
+        with pytest.raises(ConfigError, match=rf"^logging\.file = '{re.escape(str(bad))}': cannot open: "):
+            configure_logging("INFO", bad)
+        for args in (["--log-file", str(bad), "run", "--duration", "0.1"],
+                     ["config", "show"]):
+            env = {"TAGWRITER_LOGGING_FILE": str(bad)} if args[0] == "config" else {}
+            result = runner.invoke(app, args, env=env)
+            if args[0] == "config":
+                assert result.exit_code == 0  # config show opens no log
+                continue
+            assert result.exit_code == 1, result.output
+            assert result.stderr.startswith(f"error: logging.file = '{bad}': cannot open: "), result.stderr
+            assert "Traceback" not in result.output

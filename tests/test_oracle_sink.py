@@ -513,3 +513,9 @@ def test_concurrent_writer_and_probe_share_the_pool_safely() -> None:
     prober.join(10)
     assert not errors and len(server.stored()) == 100
     assert server.connects <= 2
+
+
+def test_describe_never_shows_a_password_held_in_the_dsn() -> None:
+    sink = OracleSink(user="scott", password="", dsn="scott/tiger-in-dsn@db.plant:1521/orclpdb1")
+    assert "tiger-in-dsn" not in sink.describe() and "db.plant:1521/orclpdb1" in sink.describe()
+

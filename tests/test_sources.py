@@ -17,6 +17,7 @@ from tagwriter.config import load
 from tagwriter.errors import InputError
 from tagwriter.models import TagValue, parse_ts
 from tagwriter.pipeline import Pipeline
+from tagwriter.sinks.memory import MemorySink
 from tagwriter.sources.files import MAX_LINE_BYTES, BadLineLog, Chunk, FeedResult, LineSource, feed
 
 
@@ -257,3 +258,82 @@ def test_feed_reports_an_unreadable_csv_and_submits_nothing(tmp_path: Path) -> N
     pipeline.stop(5.0)
     assert result.error is not None and f"{path}:1" in str(result.error)
     assert result.rows == 0 and not result.ended
+
+
+# -- byte order mark, back-pressure ----------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "data"), [
+    ("csv", b"\xef\xbb\xbftag,ts,value\r\na,1714564800,1.5\r\n"),
+    ("jsonl", b'\xef\xbb\xbf{"tag": "a", "ts": 1714564800, "value": 1.5}\n'),
+])
+def test_a_utf8_byte_order_mark_on_line_1_is_ignored(kind: str, data: bytes) -> None:
+    rows, bad = rows_and_bad(kind, data)
+    assert bad == []
+    assert [(r.tag, r.value) for r in rows] == [("a", 1.5)]
+
+
+def test_a_byte_order_mark_later_in_the_file_is_not_stripped() -> None:
+    line = b'{"tag": "a", "ts": 1, "value": 1}\n'
+    rows, bad = rows_and_bad("jsonl", line + b"\xef\xbb\xbf" + line)
+    assert [r.tag for r in rows] == ["a"]
+    assert [b.location for b in bad] == ["in.txt:2"]
+
+
+def slow_pipeline(tmp_path: Path, *, capacity: int, policy: str = "drop-oldest") -> tuple[Pipeline, MemorySink]:
+    """A pipeline whose sink (in memory) takes a millisecond per batch: far slower than parsing."""
+    config = load(None, env={}, overrides={
+        "buffer.capacity": capacity, "buffer.overflow_policy": policy,
+        "writer.batch_size": 10, "writer.flush_interval": 0.01,
+        "backup.directory": str(tmp_path / "backup"),
+        "backup.quarantine_directory": str(tmp_path / "backup" / "quarantine"),
+    })
+    sink = MemorySink()
+    sink.delay = 0.001
+    return Pipeline(config, sink=sink), sink
+
+
+@pytest.mark.parametrize("policy", ["drop-oldest", "spill"])
+def test_feed_waits_for_room_so_a_file_larger_than_the_buffer_loses_nothing(tmp_path: Path, policy: str) -> None:
+    n = 3000  # 30 times the capacity, in chunks of 500 (each larger than the buffer)
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"tag": f"t{i % 7}", "ts": 1_700_000_000 + i, "value": i}) + "\n"
+                            for i in range(n)))
+    pipeline, sink = slow_pipeline(tmp_path, capacity=100, policy=policy)
+    pipeline.start()
+    result = feed(LineSource("jsonl", str(path)), pipeline, threading.Event())
+    assert pipeline.stop(10.0)
+    snap = pipeline.snapshot()
+    assert result.rows == n and result.ended
+    assert (snap.submitted, snap.written, snap.dropped, snap.spooled) == (n, n, 0, 0)
+    assert len(sink.rows) == n
+    assert pipeline.buffer.overflowed == 0
+
+
+def test_feed_waiting_for_room_ends_when_stop_is_set(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"tag": "t", "ts": 1_700_000_000 + i, "value": i}) + "\n"
+                            for i in range(1000)))
+    pipeline, sink = slow_pipeline(tmp_path, capacity=50)
+    sink.block()  # the database hangs: the buffer fills and stays full
+    pipeline.start()
+    stop = threading.Event()
+    result = FeedResult()
+    feeder = threading.Thread(target=feed, args=(LineSource("jsonl", str(path)), pipeline, stop, result))
+    feeder.start()
+    try:
+        assert sink.blocked.wait(5.0)
+        deadline = 50
+        while len(pipeline.buffer) < pipeline.buffer.capacity and deadline:  # the feed fills the buffer
+            deadline -= 1
+            threading.Event().wait(0.05)
+        assert feeder.is_alive()  # waiting for room, not dropping
+        stop.set()
+        feeder.join(5.0)
+        assert not feeder.is_alive()
+        assert not result.ended and result.rows < 1000
+        assert pipeline.snapshot().dropped == 0
+    finally:
+        stop.set()
+        sink.release()
+        pipeline.stop(5.0)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from tagwriter.cli.common import GlobalOptions
+from tagwriter.cli.common import GlobalOptions, GlobalOptionsGroup
 from tagwriter.cli.config_cmd import config_app
 from tagwriter.cli.init_db import init_db
 from tagwriter.cli.load_test import load_test
@@ -25,6 +25,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
     rich_markup_mode=None,
+    cls=GlobalOptionsGroup,  # --config/--log-level/--log-file also after the command
 )
 
 

@@ -13,9 +13,10 @@ from typing import Any, ParamSpec, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from tagwriter import config as config_mod
-from tagwriter.config import Config, DatabaseURL, parse_url
+from tagwriter.config import Config, ConfigValueError, DatabaseURL, parse_url
 from tagwriter.errors import ConfigError, TagwriterError
 from tagwriter.logs import configure_logging
 
@@ -34,21 +35,85 @@ class GlobalOptions:
     log_file: Path | None = None
 
 
+#: The app's global options that take a value; they may also follow the command.
+GLOBAL_VALUE_OPTIONS = ("--config", "-c", "--log-level", "--log-file")
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """`args` with global options given after the command moved to the front.
+
+    `tagwriter run --config x.toml` then means `tagwriter --config x.toml run`.
+    Stops at `--`. No command may define an option of the same name.
+    """
+    joined = tuple(f"{o}=" for o in GLOBAL_VALUE_OPTIONS if o.startswith("--"))
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest.extend(args[i:])
+            break
+        if arg in GLOBAL_VALUE_OPTIONS and i + 1 < len(args):
+            front.extend(args[i:i + 2])
+            i += 2
+            continue
+        (front if arg.startswith(joined) else rest).append(arg)
+        i += 1
+    return front + rest
+
+
+class GlobalOptionsGroup(TyperGroup):
+    """The root command group: accepts the global options before or after the command."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, hoist_global_options(args))
+
+
 def global_options(ctx: typer.Context) -> GlobalOptions:
     obj = ctx.find_root().obj
     return obj if isinstance(obj, GlobalOptions) else GlobalOptions()
 
 
+#: Options whose parameter name is not the config key's (`--input` sets source.path).
+FLAG_PARAMS = {"source.kind": "source", "source.path": "input_path", "database.url": "database"}
+
+
 def load_config(ctx: typer.Context, overrides: Mapping[str, Any] | None = None) -> Config:
-    """The effective config for a command: file < env < global flags < `overrides`."""
+    """The effective config for a command: file < env < global flags < `overrides`.
+
+    `overrides` are the command's flags by config key. A bad flag value is a
+    usage error (exit 2) naming the flag; a bad value from the file or the
+    environment names the file:line or the variable (exit 1, by `boundary`).
+    """
     opts = global_options(ctx)
     merged: dict[str, Any] = {}
+    origins = {"logging.level": "--log-level", "logging.file": "--log-file"}
     if opts.log_level:
         merged["logging.level"] = opts.log_level.upper()
     if opts.log_file:
         merged["logging.file"] = str(opts.log_file)
-    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return config_mod.load(opts.config_path, overrides=merged)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            merged[key] = value
+            origins.setdefault(key, flag_name(ctx, key))
+    try:
+        return config_mod.load(opts.config_path, overrides=merged, origins=origins)
+    except ConfigValueError as exc:
+        if exc.origin == "flag":
+            raise fail(str(exc), exc.hint, code=2) from None
+        raise
+
+
+def flag_name(ctx: typer.Context, key: str) -> str:
+    """The command-line option that sets config `key` (`writer.batch_size` -> `--batch-size`)."""
+    section, _, name = key.partition(".")
+    wanted = (FLAG_PARAMS.get(key), name, f"{section}_{name}")
+    for param in ctx.command.params:
+        if param.name in wanted:
+            longs = [o for o in param.opts if o.startswith("--")]
+            return (longs or list(param.opts) or [key])[0]
+    return f"option for {key}"
 
 
 def setup_logging(config: Config, *, console: bool = True) -> None:
@@ -84,7 +149,13 @@ def boundary(func: Callable[P, R]) -> Callable[P, R]:
 
 def database_option(url: str | None) -> str | None:
     """Check a `--database URL` option: parsable, and no password (argv is readable by any user)."""
-    if url is not None and parse_url_safely(url).password:
+    if url is None:
+        return None
+    try:
+        parsed = parse_url_safely(url)
+    except ConfigError as exc:  # a bad flag value is a usage error
+        raise fail(str(exc), exc.hint, code=2) from None
+    if parsed.password:
         raise fail(
             "--database: the URL contains a password; passwords are never taken from the command line",
             hint="drop it from the URL and set TAGWRITER_DATABASE_PASSWORD (or database.password in the config file)",

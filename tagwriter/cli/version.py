@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 
 import typer
@@ -18,10 +19,14 @@ def version(
     """
     typer.echo(f"tagwriter {__version__}")
     if verbose:
-        import oracledb
-        import rich
-
         typer.echo(f"python {platform.python_version()}")
-        typer.echo(f"oracledb {oracledb.__version__}")
-        typer.echo(f"typer {typer.__version__}")
-        typer.echo(f"rich {getattr(rich, '__version__', 'unknown')}")
+        for dist in ("oracledb", "psycopg", "typer", "rich"):
+            typer.echo(f"{dist} {_dist_version(dist)}")
+
+
+def _dist_version(dist: str) -> str:
+    """The installed version of a distribution, or `not installed`."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"

@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 import oracledb
 
 from tagwriter.bounded import run_bounded
-from tagwriter.config import DatabaseConfig, parse_url
+from tagwriter.config import DatabaseConfig, parse_url, redact_dsn
 from tagwriter.errors import ConfigError, FatalError, RowError, SinkError, TransientError
 from tagwriter.models import TagValue
 from tagwriter.sinks.base import ColumnInfo, ColumnRule, TableInfo, TableSpec, WriteResult, table_differences
@@ -549,7 +549,7 @@ class OracleSink:
         )
 
     def describe(self) -> str:
-        return redact(f"oracle {self.user}@{self.dsn} table {self.table}", self._secrets)
+        return redact(f"oracle {self.user}@{redact_dsn(self.dsn)} table {self.table}", self._secrets)
 
     @property
     def _secrets(self) -> tuple[str, str]:

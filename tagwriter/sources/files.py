@@ -37,6 +37,8 @@ CHUNK_ROWS = 500  # rows per submit: one buffer lock per few hundred values
 READ_BYTES = 64 * 1024
 MAX_LINE_BYTES = 1024 * 1024  # a longer "line" is reported as bad, not held in memory
 QUALITY_MAX = 65_535
+UTF8_BOM = b"\xef\xbb\xbf"
+ROOM_CHECK = 0.1  # seconds between checks of `stop` while waiting for room in the buffer
 
 
 @dataclass(slots=True)
@@ -135,6 +137,8 @@ class LineSource:
             chunk.bad.append(InputError(location, f"line longer than {MAX_LINE_BYTES} bytes", ""))
             return
         line = raw[:-1] if raw.endswith(b"\r") else raw
+        if lineno == 1 and line.startswith(UTF8_BOM):  # Excel "CSV UTF-8", PowerShell
+            line = line[len(UTF8_BOM):]
         if not line.strip():
             return
         try:
@@ -294,6 +298,10 @@ def feed(source: LineSource, pipeline: Pipeline, stop: threading.Event, result: 
     (rate-limited) and quarantined. A source that cannot be read at all ends
     the feed with `result.error` set. `result` may be passed in so another
     thread can watch it.
+
+    A file has no real-time constraint, so the feed waits for room in the
+    buffer before each submit (back-pressure) instead of letting the overflow
+    policy drop or spill values when the input outruns the database.
     """
     result = result if result is not None else FeedResult()
     bad_log = BadLineLog()
@@ -302,9 +310,13 @@ def feed(source: LineSource, pipeline: Pipeline, stop: threading.Event, result: 
             if chunk.bad:
                 _keep_bad(pipeline, chunk.bad, bad_log)
                 result.bad += len(chunk.bad)
-            if chunk.rows:
-                pipeline.submit(chunk.rows)
-                result.rows += len(chunk.rows)
+            step = pipeline.buffer.capacity
+            for start in range(0, len(chunk.rows), step):
+                rows = chunk.rows[start:start + step]
+                if not wait_for_room(pipeline, len(rows), stop):
+                    break
+                pipeline.submit(rows)
+                result.rows += len(rows)
         else:
             result.ended = not stop.is_set()
     except InputError as exc:
@@ -314,6 +326,22 @@ def feed(source: LineSource, pipeline: Pipeline, stop: threading.Event, result: 
     finally:
         bad_log.flush()
     return result
+
+
+def wait_for_room(pipeline: Pipeline, n: int, stop: threading.Event) -> bool:
+    """Wait until the buffer has room for `n` rows; False if `stop` was set meanwhile.
+
+    Returns True at once when the pipeline is not accepting (its submit then
+    says so). Only this feed waits: the buffer's policy is left to live sources.
+    """
+    buffer = pipeline.buffer
+    need = min(n, buffer.capacity)
+    with buffer.not_full:
+        while buffer.capacity - len(buffer) < need and pipeline.running:
+            if stop.is_set():
+                return False
+            buffer.not_full.wait(ROOM_CHECK)
+    return True
 
 
 def _keep_bad(pipeline: Pipeline, bad: list[InputError], bad_log: BadLineLog) -> None:
