@@ -10,7 +10,9 @@ waits at most for one backlog batch to commit.
 Pacing: `backup.replay_rate` values/s when set; otherwise adaptive, the drain
 spends at most half of the writer's time (after a backlog batch that took t
 seconds it waits t), which leaves the database room for the live stream and
-other clients.
+other clients. The writer parks only until the next step is due (it asks
+`due_in` after each step), so the achieved rate is the configured one, not
+rounded down to its idle tick.
 
 Crash safety comes from `tagwriter.replay`: a file is moved to
 `replayed/` only once every line of it is settled; a file interrupted midway

@@ -5,7 +5,8 @@ batch) is also what the automatic drain (`tagwriter.recovery`) steps through.
 Idempotent: the table's unique key turns a row already there into a counted
 duplicate, so a file that failed midway is simply replayed again.
 
-A file moves to `<backup dir>/replayed/` (or is deleted) only once every line
+A file moves to `<backup dir>/replayed/` (a quarantine file replayed with
+`from_quarantine`: `<quarantine dir>/replayed/`), or is deleted, only once every line
 is settled: inserted, a duplicate, or quarantined (rejected by the database,
 or a bad line). Its quarantine entries are written and fsynced just before
 that, so a file that fails midway leaves no quarantine entries behind to be
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +39,8 @@ REPLAYED_DIR = "replayed"
 MAX_PROBLEMS = 100  # bad-line messages kept per file report (all are counted and quarantined)
 QUARANTINE_FLUSH = 10_000  # entries held per file before they are written early
 BAD_LINE = "BAD_LINE"
+HEADER_PROBE_LINES = 5  # lines after a wrong header that must look like rows to replay the file
+_UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as read with surrogateescape
 
 T = TypeVar("T")
 Progress = Callable[[Path, int], None]  # (file, lines just processed)
@@ -129,38 +133,70 @@ class SpoolReader:
     line the csv module cannot split is bad instead of raising. Faster: plain
     lines are split without the csv module, and a timestamp text equal to the
     previous line's (a polling group shares one) is not parsed again.
-    Raises InputError when the header shows it is not a tagwriter file.
+    A wrong header line is a bad line (line 1) when the next lines read as
+    rows; when they do not, the file is not a tagwriter file: InputError.
+    Bytes that are not UTF-8 go to quarantine as \\xNN escapes.
     """
 
     def __init__(self, path: Path | str, *, quarantine: bool = False) -> None:
         self.path = Path(path)
         self.quarantine = quarantine
         expected = QUARANTINE_HEADER if quarantine else SPOOL_HEADER
+        self._header = expected
         self._width = len(expected)
-        self._file: TextIO = open(self.path, newline="", encoding="utf-8", errors="replace")  # noqa: SIM115
-        try:
-            first = self._file.readline()
-            header = next(csv.reader([first]), [])
-        except (OSError, csv.Error) as exc:
-            self._file.close()
-            raise InputError(f"{self.path}:1", f"cannot read: {exc}") from None
-        if not first.endswith("\n") and ",".join(expected).startswith(first):
-            # Empty, or the header cut off: a crash before any row was written
-            # (the header reaches the disk with the first rows). No rows to replay.
-            header = list(expected)
-        if tuple(header) != expected:
-            self._file.close()
-            kind = "quarantine" if quarantine else "spool"
-            raise InputError(
-                f"{self.path}:1",
-                f"not a tagwriter {kind} file (header {first.strip()[:80]!r}, "
-                f"expected {','.join(expected)!r})",
-            )
+        # surrogateescape: bytes that are not UTF-8 stay recoverable (see `visible`).
+        self._file: TextIO = open(self.path, newline="", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
         self.line = 1  # last line read
-        self.chars = len(first)  # characters read so far (bytes for ASCII)
         self.done = False
         self._last_ts = ""
         self._last_us = 0
+        self._header_bad: BadLine | None = None  # a wrong header line, reported with the first chunk
+        self.chars = 0  # characters read so far (bytes for ASCII)
+        try:
+            first = self._file.readline()
+            header = next(csv.reader([first]), [])
+            if not first.endswith("\n") and ",".join(expected).startswith(first):
+                # Empty, or the header cut off: a crash before any row was written
+                # (the header reaches the disk with the first rows). No rows to replay.
+                header = list(expected)
+            if tuple(header) != expected:
+                self._wrong_header(first, expected)
+        except (OSError, csv.Error) as exc:
+            self._file.close()
+            raise InputError(f"{self.path}:1", f"cannot read: {exc}") from None
+        except InputError:
+            self._file.close()
+            raise
+        self.chars += len(first)
+
+    def _wrong_header(self, first: str, expected: tuple[str, ...]) -> None:
+        """The first line is not the header: a bad line if the next lines are rows, else refuse the file."""
+        where = self._file.tell()
+        probe = [line for line in islice(self._file, HEADER_PROBE_LINES) if line.strip()]
+        self._file.seek(where)
+        rows = sum(self._is_record(line) for line in probe)
+        shown = visible(first.rstrip("\r\n"))
+        if not probe or rows * 2 < len(probe):
+            kind = "quarantine" if self.quarantine else "spool"
+            raise InputError(
+                f"{self.path}:1",
+                f"not a tagwriter {kind} file (header {shown.strip()[:80]!r}, expected {','.join(expected)!r})",
+            )
+        if self._is_record(first):  # no header at all: line 1 is a row like the others
+            log.warning("%s:1: no header line; the first line is read as a row", self.path)
+            self._file.seek(0)
+            self.line = 0
+            self.chars = -len(first)  # read again as data
+            return
+        reason = f"wrong header {shown[:80]!r}, expected {','.join(expected)!r}"
+        location = f"{self.path}:1"
+        self._header_bad = BadLine(location, reason, (location, reason, shown))
+        self._last_ts = ""  # the probe filled the timestamp cache; harmless, but start clean
+
+    def _is_record(self, raw: str) -> bool:
+        """True if `raw` reads as a row (or, in a quarantine file, as a quarantined bad line)."""
+        verdict = self._verdict(raw, 0)
+        return not isinstance(verdict, BadLine) or verdict.reason.startswith("quarantined bad line")
 
     def close(self) -> None:
         self._file.close()
@@ -176,6 +212,13 @@ class SpoolReader:
 
         Sets `done` at the end of the file.
         """
+        if self._header_bad is not None:  # once: the wrong header line comes first
+            header, self._header_bad = self._header_bad, None
+            rows, lines, bad = self._read(max_lines)
+            return rows, lines, [header, *bad]
+        return self._read(max_lines)
+
+    def _read(self, max_lines: int) -> tuple[list[TagValue], Sequence[int], list[BadLine]]:
         chunk = list(islice(self._file, max_lines))
         if len(chunk) < max_lines:
             self.done = True
@@ -188,7 +231,8 @@ class SpoolReader:
         # The hot path: a chunk of plain spool lines (what the spool writes) is
         # split without the csv module and without per-line checks; any line
         # it cannot take goes through `_verdict`, which gives the reason.
-        if self.quarantine or '"' in blob or "\r" in blob or "\ufffd" in blob or blob[-1] != "\n":
+        if (self.quarantine or '"' in blob or "\r" in blob or blob[-1] != "\n"
+                or (not blob.isascii() and _UNDECODED.search(blob))):
             return self._read_checked(chunk, first)
         rows: list[TagValue] = []
         append, new_row = rows.append, tuple.__new__
@@ -228,7 +272,7 @@ class SpoolReader:
         location = f"{self.path}:{lineno}"
         if raw[-1] != "\n":
             reason = "truncated line (no line end)"
-        elif "\ufffd" in raw:
+        elif not raw.isascii() and _UNDECODED.search(raw):
             reason = "not valid UTF-8"
         else:
             reason = ""
@@ -243,6 +287,8 @@ class SpoolReader:
                 pass
             elif len(fields) != self._width:
                 reason = f"expected {self._width} columns, found {len(fields)}"
+            elif tuple(fields) == self._header:
+                reason = "repeated header line"
             elif self.quarantine and fields[4] == BAD_LINE and not fields[0]:
                 return BadLine(location, f"quarantined bad line: {fields[5]}", (fields[6], fields[5], fields[7]))
             else:
@@ -268,7 +314,14 @@ class SpoolReader:
                             reason = f"unparsable quality {quality!r}"
                     if not reason:
                         return TagValue(tag, self._last_us, val, q)
-        return BadLine(location, reason, (location, reason, raw.rstrip("\r\n")))
+        return BadLine(location, reason, (location, reason, visible(raw.rstrip("\r\n"))))
+
+
+def visible(text: str) -> str:
+    """`text` with bytes that were not UTF-8 (read with surrogateescape) shown as \\xNN escapes."""
+    if text.isascii() or not _UNDECODED.search(text):
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def count_lines(path: Path | str) -> int:
@@ -457,6 +510,8 @@ class Replayer:
 
     `rate` > 0 paces the writes to that many values per second; `stop` (an
     Event) interrupts retries and pacing, leaving the current file in place.
+    A replayed spool file moves to `<backup dir>/replayed/`, a replayed
+    quarantine file to `<quarantine dir>/replayed/` (unless `replayed_dir`).
     """
 
     def __init__(
@@ -477,6 +532,7 @@ class Replayer:
         self.retry_delays = list(retry_delays)
         self.rate = rate
         self.replayed_dir = replayed_dir or spool.directory / REPLAYED_DIR
+        self.quarantine_replayed_dir = replayed_dir or spool.quarantine_directory / REPLAYED_DIR
         self.clock = clock
         self.stop = stop or threading.Event()
         self._opened = False
@@ -497,7 +553,7 @@ class Replayer:
         try:
             fr = FileReplay(
                 path, None if dry_run else self.spool, from_quarantine=from_quarantine,
-                replayed_dir=self.replayed_dir,
+                replayed_dir=self.quarantine_replayed_dir if from_quarantine else self.replayed_dir,
                 source=f"replay into {self.sink.describe()}" if self.sink and not dry_run else "",
             )
         except InputError as exc:

@@ -200,3 +200,45 @@ def test_rate_and_batch_size_are_validated() -> None:
 
 def test_no_files_is_a_usage_error() -> None:
     assert invoke(["replay"]).exit_code == 2
+
+
+def test_dry_run_progress_lines_say_checking_not_replaying() -> None:
+    files = spool_files(150)
+    result = invoke(["replay", "--dry-run", "backup"])
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.stdout.splitlines() if line.startswith(("checking ", "replaying "))] == [
+        f"checking {f}" for f in files]
+
+
+def test_database_option_overrides_the_configured_url() -> None:
+    files = spool_files(120)
+    result = invoke(["replay", "--database", "sqlite:///other.db", *map(str, files)],
+                    env={"TAGWRITER_DATABASE_URL": "sqlite:///from-env.db"})
+    assert result.exit_code == 0, result.output
+    assert len(db_rows("other.db")) == 120
+    assert not Path("from-env.db").exists() and not Path("tagwriter.db").exists()
+
+
+def test_database_option_with_a_password_is_refused_with_exit_2() -> None:
+    files = spool_files(50)
+    result = invoke(["replay", "--database", "postgresql://writer:s3cret@127.0.0.1:5432/plant", *map(str, files)])
+    assert result.exit_code == 2, result.output
+    assert "the URL contains a password" in result.stderr
+    assert all(f.exists() for f in files) and not Path("tagwriter.db").exists()
+
+
+def test_quarantine_files_replayed_move_to_the_quarantine_replayed_folder() -> None:
+    with sqlite3.connect("tagwriter.db") as conn:  # values below 50 only, then fixed
+        conn.execute("CREATE TABLE tag_values (tag_name TEXT NOT NULL, ts TEXT NOT NULL, value REAL "
+                     "CHECK (value < 50), quality INTEGER, PRIMARY KEY (ts, tag_name)) WITHOUT ROWID")
+    files = spool_files(200)
+    assert invoke(["replay", *map(str, files)]).exit_code == 1
+    qfiles = sorted(Path("backup/quarantine").glob("quarantine-*.csv"))
+    assert qfiles
+    with sqlite3.connect("tagwriter.db") as conn:
+        conn.execute("DROP TABLE tag_values")
+    result = invoke(["replay", "--from-quarantine", "backup/quarantine"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in Path("backup/quarantine/replayed").iterdir()) == [q.name for q in qfiles]
+    assert sorted(p.name for p in Path("backup/replayed").iterdir()) == [f.name for f in files]  # spool files only
+    assert "moved to backup/quarantine/replayed/" in result.stdout

@@ -109,3 +109,20 @@ def test_oracle_bad_password_is_one_clear_line(fake_oracle: FakeServer, tmp_path
     assert code == 1
     assert "ORA-01017" in out and "user or password wrong" in out
     assert "tiger-secret-pw" not in out and "Traceback" not in out
+
+
+def test_database_option_overrides_the_configured_url(sqlite_env: dict[str, str], tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    code, out = invoke(["init-db", "--database", f"sqlite:///{other}"], sqlite_env, tmp_path)
+    assert code == 0, out
+    assert "created" in out
+    with sqlite3.connect(other) as conn:
+        assert conn.execute("SELECT count(*) FROM tag_values").fetchone()[0] == 0
+    assert not (tmp_path / "db").exists()  # the URL from the environment was not used
+
+
+def test_database_option_with_a_password_is_refused_with_exit_2(sqlite_env: dict[str, str], tmp_path: Path) -> None:
+    code, out = invoke(["init-db", "--database", "postgresql://writer:s3cret@127.0.0.1:5432/plant"],
+                       sqlite_env, tmp_path)
+    assert code == 2, out
+    assert "the URL contains a password" in out and "s3cret" not in out

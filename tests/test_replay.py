@@ -421,3 +421,67 @@ def test_transient_error_raised_by_open_is_retried_then_reported(env: Env) -> No
     assert report.files[0].status is FileStatus.FAILED
     assert "DPY-6005" in report.files[0].error
     assert files[0].exists()
+
+
+# -- wrong and repeated headers, bytes that are not UTF-8 ------------------------------
+
+
+def test_a_wrong_header_on_spool_rows_is_a_bad_line_and_the_rows_are_replayed(env: Env) -> None:
+    env.backup.mkdir()
+    path = env.backup / "tagwriter-x.csv"
+    path.write_text("tag,time,val,q\n" + "".join(f"{g}\n" for g in GOOD), encoding="utf-8")
+    report = env.replay([path])
+    f = report.files[0]
+    assert f.status is FileStatus.REPLAYED
+    assert (f.rows_read, f.inserted, f.bad_lines) == (4, 4, 1)
+    assert f.problems == [f"{path}:1: wrong header 'tag,time,val,q', expected 'tag_name,ts,value,quality'"]
+    q = quarantined(env.backup / "quarantine")
+    assert [(r["source"], r["raw"], r["error_code"]) for r in q] == [(f"{path}:1", "tag,time,val,q", "BAD_LINE")]
+    assert {r[0] for r in table(env.db)} == {"a", "e", "g", "h"}
+
+
+def test_a_wrong_header_on_lines_that_are_not_rows_refuses_the_file(env: Env, tmp_path: Path) -> None:
+    other = tmp_path / "export.csv"
+    other.write_text("tag,time,val,q\n1;2;3\nx,y\n4;5;6\n")  # four columns in the header, but no rows
+    report = env.replay([other])
+    assert report.files[0].status is FileStatus.REFUSED
+    assert report.files[0].error.startswith("not a tagwriter spool file (header 'tag,time,val,q'")
+    assert not (env.backup / "quarantine").exists()
+
+
+def test_a_header_repeated_in_the_middle_is_reported_as_such(env: Env) -> None:
+    env.backup.mkdir()
+    path = env.backup / "tagwriter-x.csv"
+    path.write_text("tag_name,ts,value,quality\n" + GOOD[0] + "\ntag_name,ts,value,quality\n" + GOOD[1] + "\n")
+    report = env.replay([path])
+    f = report.files[0]
+    assert f.problems == [f"{path}:3: repeated header line"]
+    assert (f.inserted, f.bad_lines) == (2, 1)
+
+
+def test_a_line_that_is_not_utf8_keeps_its_bytes_visible_in_quarantine(env: Env) -> None:
+    env.backup.mkdir()
+    path = env.backup / "tagwriter-x.csv"
+    path.write_bytes(b"tag_name,ts,value,quality\nok,2024-05-01T12:00:00Z,1,192\n"
+                     b"t\xff\xfe,2024-05-01T12:00:00Z,1,192\n\xef\xbf\xbd,2024-05-01T12:00:00Z,2,192\n")
+    report = env.replay([path])
+    f = report.files[0]
+    assert f.problems == [f"{path}:3: not valid UTF-8"]
+    assert f.inserted == 2  # a real U+FFFD in valid UTF-8 is a tag name like any other
+    q = quarantined(env.backup / "quarantine")
+    raw = "t\\xff\\xfe,2024-05-01T12:00:00Z,1,192"  # the original bytes, as escapes
+    assert [(r["error_message"], r["raw"]) for r in q] == [("not valid UTF-8", raw)]
+
+
+def test_replayed_quarantine_files_move_to_the_quarantine_replayed_folder(env: Env) -> None:
+    files = write_spool(env.backup, rows(100))
+    sink = MemorySink(inner=SqliteSink(env.db))
+    sink.reject_if(lambda r: r.tag == "t3")
+    env.replay(files, sink=sink)
+    qdir = env.backup / "quarantine"
+    qfiles = sorted(qdir.glob("quarantine-*.csv"))
+    assert qfiles
+    again = env.replay([qdir], from_quarantine=True)
+    assert again.ok, again.reason()
+    assert [f.moved_to for f in again.files] == [qdir / REPLAYED_DIR / q.name for q in qfiles]
+    assert sorted(p.name for p in (env.backup / REPLAYED_DIR).iterdir()) == [f.name for f in files]

@@ -183,3 +183,19 @@ def test_the_timeout_bounds_a_hanging_login_and_skips_the_rest(server: FakeServe
     assert login["status"] == "fail" and login["code"] == "TIMEOUT"
     assert "a listener that accepts but never answers" in login["hint"]
     assert [c["status"] for c in data["checks"][2:]] == ["skipped"] * 6
+
+
+def test_database_option_overrides_the_configured_url(sqlite_env: dict[str, str], tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    SqliteSink(other).create_table()
+    code, out, _ = invoke(["test-connection", "--database", f"sqlite:///{other}"], sqlite_env, tmp_path)
+    assert code == 0, out  # the environment's tags.db has no table: it was not the one checked
+    assert out.count("✓") == 8 and "other.db" in out
+    assert not (tmp_path / "tags.db").exists()
+
+
+def test_database_option_with_a_password_is_refused_with_exit_2(sqlite_env: dict[str, str], tmp_path: Path) -> None:
+    code, out, _ = invoke(["test-connection", "--database", "postgresql://writer:s3cret@127.0.0.1:5432/plant"],
+                          sqlite_env, tmp_path)
+    assert code == 2, out
+    assert "the URL contains a password" in out and "s3cret" not in out

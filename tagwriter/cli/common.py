@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -145,6 +145,15 @@ def boundary(func: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(code=130) from None
 
     return wrapper
+
+
+DatabaseOption = Annotated[
+    str | None,
+    typer.Option("--database", metavar="URL",
+                 help="sqlite:///PATH, oracle://USER@HOST:PORT/SERVICE or postgresql://USER@HOST:PORT/DB "
+                      "(overrides database.url; no password: use TAGWRITER_DATABASE_PASSWORD)."),
+]
+"""The `--database URL` option of the commands that talk to the configured database."""
 
 
 def database_option(url: str | None) -> str | None:

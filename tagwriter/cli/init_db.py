@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from tagwriter.bounded import run_bounded
-from tagwriter.cli.common import boundary, fail, load_config
+from tagwriter.cli.common import DatabaseOption, boundary, database_option, fail, load_config
 from tagwriter.errors import FatalError
 from tagwriter.sinks import create_sink
 from tagwriter.sinks.base import AdminSink
@@ -32,6 +32,7 @@ def init_db(
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.1, help="Give up after this many seconds.")
     ] = 60.0,
+    database: DatabaseOption = None,
 ) -> None:
     """Create the table (tag, ts, value, quality) with its unique key for the configured database.
 
@@ -40,7 +41,8 @@ def init_db(
 
     Example: tagwriter init-db --print > create_tag_values.sql
     """
-    config = load_config(ctx)
+    database_option(database)
+    config = load_config(ctx, {"database.url": database})
     sink = create_sink(config.database)
     if not isinstance(sink, AdminSink):
         raise fail(f"the {sink.kind} sink cannot create its table")

@@ -21,7 +21,15 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from tagwriter.cli.common import boundary, err_console, fail, load_config, setup_logging
+from tagwriter.cli.common import (
+    DatabaseOption,
+    boundary,
+    database_option,
+    err_console,
+    fail,
+    load_config,
+    setup_logging,
+)
 from tagwriter.logs import configure_logging
 from tagwriter.replay import FileReport, FileStatus, ReplayReport, count_lines, expand, replay_files
 from tagwriter.replay import Progress as ProgressCallback
@@ -61,6 +69,7 @@ def replay(
         float, typer.Option("--rate", metavar="VALUES_PER_S", min=0.0,
                             help="Write at most this many values per second (0 = as fast as possible).")
     ] = 0.0,
+    database: DatabaseOption = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=1, max=10_000, help="Rows per transaction [writer.batch_size].")
     ] = None,
@@ -76,7 +85,8 @@ def replay(
 
     Example: tagwriter replay backup/*.csv
     """
-    config = load_config(ctx, {"writer.batch_size": batch_size})
+    database_option(database)
+    config = load_config(ctx, {"writer.batch_size": batch_size, "database.url": database})
     console = Console(highlight=False)
     if not console.is_terminal:  # a log or a pipe: keep each file's table row on one line
         console = Console(highlight=False, width=max(console.width, TABLE_WIDTH))
@@ -112,7 +122,7 @@ def replay(
 
             report = run(advance)
     else:
-        report = run(PlainProgress(console, total))
+        report = run(PlainProgress(console, total, "checking" if dry_run else "replaying"))
     _print_report(console, report, spool)
     if not report.ok:
         raise fail(f"not everything was replayed: {report.reason()}", _hint(report, spool))
@@ -127,19 +137,20 @@ def replay(
 class PlainProgress:
     """Progress as plain lines (not a terminal): one per file, then one every PLAIN_EVERY seconds."""
 
-    def __init__(self, console: Console, total: int) -> None:
+    def __init__(self, console: Console, total: int, verb: str = "replaying") -> None:
         self.console = console
         self.total = total
         self.done = 0
         self.path: Path | None = None
         self.start = self.last = time.monotonic()
+        self.verb = verb
 
     def __call__(self, path: Path, n: int) -> None:
         self.done += n
         now = time.monotonic()
         if path != self.path:
             self.path = path
-            self.console.print(f"replaying {path}", markup=False)
+            self.console.print(f"{self.verb} {path}", markup=False)
         elif now - self.last >= PLAIN_EVERY:
             rate = self.done / max(now - self.start, 1e-9)
             left = self.total - self.done

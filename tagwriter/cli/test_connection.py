@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tagwriter.cli.common import boundary, fail, load_config
+from tagwriter.cli.common import DatabaseOption, boundary, database_option, fail, load_config
 from tagwriter.errors import TagwriterError
 from tagwriter.sinks import create_sink
 from tagwriter.sinks.base import AdminSink, TableInfo, TableSpec
@@ -195,6 +195,7 @@ def test_connection(
     ] = 15.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON (for scripts).")] = False,
     pings: Annotated[int, typer.Option("--pings", min=1, max=100, help="Round trips for the latency check.")] = 5,
+    database: DatabaseOption = None,
 ) -> None:
     """Check that the configured database can take writes: reach, log in, table, key, insert, latency.
 
@@ -203,7 +204,8 @@ def test_connection(
 
     Example: TAGWRITER_DATABASE_PASSWORD=... tagwriter test-connection --timeout 10
     """
-    config = load_config(ctx)
+    database_option(database)
+    config = load_config(ctx, {"database.url": database})
     sink = create_sink(config.database)
     if not isinstance(sink, AdminSink):
         raise fail(f"the {sink.kind} sink cannot run test-connection")
