@@ -50,18 +50,22 @@ class PutResult:
 
     `evicted` are older rows pushed out to make room (returned only under the
     `spill` policy: the caller must spool them); `dropped` counts values lost
-    (evicted under `drop-oldest`, timed out under `block`).
+    (evicted under `drop-oldest`, timed out under `block`); `refused` are rows
+    not taken because the buffer was closed (the caller must spool them).
     """
 
     accepted: int
     dropped: int = 0
     evicted: list[TagValue] = field(default_factory=list)
+    refused: tuple[TagValue, ...] = ()  # a tuple: no allocation per put on the normal path
 
 
 class RingBuffer:
     """Bounded FIFO of `TagValue` rows with an overflow policy.
 
     Thread-safe. `len()` is approximate, like `queue.Queue.qsize()`.
+    `close()` ends intake: a put blocked for room returns at once, and every
+    later put refuses its rows (`PutResult.refused`); `drain` still works.
     """
 
     def __init__(
@@ -86,6 +90,8 @@ class RingBuffer:
         self.not_empty = threading.Condition(self._mutex)
         self.not_full = threading.Condition(self._mutex)
         self._wake = False
+        self._closed = False
+        self.waiting = 0  # rows of puts blocked for room: submitted, not yet in the buffer
         self.overflowed = 0  # evicted or dropped values, ever
         self.blocked_puts = 0  # put_many calls that had to wait for room
         self._unwarned = 0
@@ -105,6 +111,8 @@ class RingBuffer:
         if t_submit is None:
             t_submit = self._clock.monotonic()
         with self._mutex:
+            if self._closed:
+                return PutResult(0, refused=tuple(rows))
             if self.policy is OverflowPolicy.BLOCK:
                 result = self._put_blocking(rows, t_submit)
             else:
@@ -132,24 +140,38 @@ class RingBuffer:
         return PutResult(len(rows), len(evicted))
 
     def _put_blocking(self, rows: Sequence[TagValue], t_submit: float) -> PutResult:
+        """Wait for room up to `block_timeout`; rows still waiting count in `waiting`.
+
+        `close()` ends the wait: rows not yet taken come back as `refused`.
+        """
         deadline = self._clock.monotonic() + self.block_timeout
         accepted = 0
         waited = False
-        while accepted < len(rows):
-            room = self.capacity - len(self._rows)
-            if room > 0:
-                take = rows[accepted : accepted + room]
-                self._append(take, t_submit)
-                accepted += len(take)
-                self.not_empty.notify()
-                continue
-            remaining = deadline - self._clock.monotonic()
-            if remaining <= 0.0:
-                break
-            waited = True
-            self.not_full.wait(remaining)
+        try:
+            while accepted < len(rows):
+                room = self.capacity - len(self._rows)
+                if room > 0:
+                    take = rows[accepted : accepted + room]
+                    self._append(take, t_submit)
+                    accepted += len(take)
+                    if waited:
+                        self.waiting -= len(take)
+                    self.not_empty.notify()
+                    continue
+                remaining = deadline - self._clock.monotonic()
+                if remaining <= 0.0 or self._closed:
+                    break
+                if not waited:
+                    waited = True
+                    self.waiting += len(rows) - accepted
+                self.not_full.wait(remaining)
+        finally:
+            if waited:
+                self.waiting -= len(rows) - accepted
         if waited:
             self.blocked_puts += 1
+        if self._closed and accepted < len(rows):
+            return PutResult(accepted, refused=tuple(rows[accepted:]))
         dropped = len(rows) - accepted
         self.overflowed += dropped
         return PutResult(accepted, dropped)
@@ -200,6 +222,17 @@ class RingBuffer:
             "buffer full (capacity %d): %d values %s since the last warning, %d in total",
             self.capacity, count, action, total,
         )
+
+    def close(self) -> None:
+        """End intake: wake blocked puts (they return their rows as refused); idempotent."""
+        with self._mutex:
+            self._closed = True
+            self.not_full.notify_all()
+            self.not_empty.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     # -- the writer --------------------------------------------------------
 

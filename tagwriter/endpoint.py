@@ -178,12 +178,16 @@ def snapshot_families(s: MetricsSnapshot) -> Iterator[Metric]:
     yield batches
     yield _counter("tagwriter_retries_total", "Failed batch writes that were retried.", s.retries)
     yield _counter("tagwriter_outages_total", "Times the writer entered outage mode.", s.outages)
+    yield _counter("tagwriter_fatal_errors_total",
+                   "Fatal database errors (configuration: table, login, privileges); a recovery keeps them.",
+                   s.fatal_errors)
 
     yield _gauge("tagwriter_buffer_values", "Values held in the in-memory buffer.", s.buffer_size)
     yield _gauge("tagwriter_buffer_capacity_values", "Buffer capacity in values.", s.buffer_capacity)
     yield _gauge("tagwriter_buffer_utilization_ratio", "Buffer fill, 0 to 1.", s.buffer_utilization_pct / 100.0)
     yield _gauge("tagwriter_inflight_values", "Values in the batch being written now.", s.inflight)
-    yield _gauge("tagwriter_pending_values", "Values buffered or in flight.", s.pending)
+    yield _gauge("tagwriter_waiting_values", "Values of submits blocked for room (block policy).", s.waiting)
+    yield _gauge("tagwriter_pending_values", "Values buffered, in flight or waiting.", s.pending)
     yield _gauge("tagwriter_write_batch_size_values", "Average rows per batch over 5 minutes.", s.avg_batch_size_5m)
     yield _gauge("tagwriter_write_latency_seconds",
                  "Average seconds per batch write over 5 minutes.", s.avg_write_latency_5m_s)

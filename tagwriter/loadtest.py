@@ -310,7 +310,7 @@ def run_trial(
         sampler.stop.set()
         producer.join(2.0)
         result.stopped_cleanly = pipeline.stop()
-    fatal = pipeline.writer.fatal_error
+    fatal = pipeline.writer.last_fatal_error  # kept after a recovery, unlike writer.fatal_error
     result.fatal_error = str(fatal) if fatal is not None else ""
     result.final = pipeline.snapshot()
     _measure(result, before, after, histogram_since(hist1, hist0), samples, t_end - t_start, cpu1 - cpu0)

@@ -122,10 +122,12 @@ class Series:
 
 @dataclass(frozen=True, slots=True)
 class MetricsSnapshot:
-    """Every figure at one instant. `pending` = buffered + in flight.
+    """Every figure at one instant. `pending` = buffered + in flight + waiting
+    (rows of a `submit` blocked for room under the `block` policy).
 
     When nothing is in motion, submitted == written + duplicates + spooled +
-    quarantined + dropped + pending.
+    quarantined + dropped + pending. `fatal_errors` counts fatal database
+    errors since start; it stays set after a recovery (the exit code uses it).
     """
 
     uptime_s: float
@@ -166,6 +168,8 @@ class MetricsSnapshot:
     backlog_files: int = 0
     drain_rate_per_s: float = 0.0
     drain_eta_s: float | None = None
+    waiting: int = 0
+    fatal_errors: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -198,6 +202,8 @@ class Metrics:
         self.batches_failed = 0
         self.retries = 0
         self.outages = 0
+        self.fatal_errors = 0  # sticky: a recovery does not reset it
+        self.last_fatal_error = ""
         self.state = WriterState.STARTING
         self.last_error = ""
         self.latency = LatencyHistogram()  # since start
@@ -276,6 +282,14 @@ class Metrics:
                 self.retries += 1
             self.last_error = error
 
+    def record_fatal(self, error: str) -> None:
+        """A fatal (configuration) database error: state failed, counted for good."""
+        with self._lock:
+            self.fatal_errors += 1
+            self.last_fatal_error = error
+            self.state = WriterState.FAILED
+            self.last_error = error
+
     def set_state(self, state: WriterState, error: str | None = None) -> None:
         with self._lock:
             if state is WriterState.OUTAGE and self.state is not WriterState.OUTAGE:
@@ -324,6 +338,7 @@ class Metrics:
         buffer_size: int = 0,
         buffer_capacity: int = 0,
         inflight: int = 0,
+        waiting: int = 0,
         backup_files: int = 0,
         backup_bytes: int = 0,
         spool_full: bool = False,
@@ -350,7 +365,7 @@ class Metrics:
                 buffer_capacity=buffer_capacity,
                 buffer_utilization_pct=100.0 * buffer_size / buffer_capacity if buffer_capacity else 0.0,
                 inflight=inflight,
-                pending=buffer_size + inflight,
+                pending=buffer_size + inflight + waiting,
                 submitted=self.submitted,
                 written=self.written,
                 duplicates=self.duplicates,
@@ -377,6 +392,8 @@ class Metrics:
                 backup_bytes=backup_bytes,
                 spool_full=spool_full,
                 outages=self.outages,
+                waiting=waiting,
+                fatal_errors=self.fatal_errors,
                 extra=extra,
                 **backlog,
             )

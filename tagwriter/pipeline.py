@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+INTAKE_GRACE = 0.1  # seconds stop() lets a submit in progress finish before closing the buffer on it
+
 
 class Pipeline:
     """The library's entry point. `submit`, `flush`, `stop` and `snapshot` are thread-safe."""
@@ -90,6 +92,8 @@ class Pipeline:
                 self.spool.recover()
             except OSError as exc:
                 log.error("cannot recover partial spool files: %s", exc)
+            if self.writer.background is self.drain:
+                self.drain.check_target()  # before the first drain step: whose files are these?
             self.writer.start()
             with self._submit_lock:
                 self._accepting = True
@@ -113,7 +117,8 @@ class Pipeline:
         """Hand over one polling group (or rows); True if every value was taken.
 
         False means some were dropped (counted) under the `drop-oldest` or
-        `block` policy. Raises PipelineStopped after `stop()`, and ValueError
+        `block` policy; values handed over while `stop()` closes the buffer
+        go to the spool. Raises PipelineStopped after `stop()`, and ValueError
         (nothing taken) for a tag name that is not text or holds a line break.
         """
         rows: Sequence[TagValue]
@@ -132,6 +137,9 @@ class Pipeline:
             result = self.buffer.put_many(rows)
             if result.evicted:
                 self._spill(result.evicted)
+            # stop() closed the buffer meanwhile: the rows go to the spool.
+            if result.refused and not self._spool_rows(result.refused, "stopping: cannot spool"):
+                return False
         if result.dropped:
             reason = "block_timeout" if self.buffer.policy is OverflowPolicy.BLOCK else "overflow"
             self.metrics.record_dropped(result.dropped, reason)
@@ -148,6 +156,16 @@ class Pipeline:
         except SpoolError as exc:
             log.error("cannot spill %d values: %s", len(rows), exc)
             self.metrics.record_dropped(len(rows), "spool_error")
+
+    def _spool_rows(self, rows: Sequence[TagValue], what: str) -> bool:
+        """Spool rows past the size cap (shutdown); False (counted as dropped) if the disk fails."""
+        try:
+            self.metrics.record_spooled(self.spool.write_rows(rows, force=True))
+            return True
+        except SpoolError as exc:
+            log.error("%s %d values: %s", what, len(rows), exc)
+            self.metrics.record_dropped(len(rows), "spool_error")
+            return False
 
     def consume(self, source: queue.Queue[PollingData | None]) -> QueueConsumer:
         """Start a thread that submits every `PollingData` put on `source`.
@@ -167,14 +185,19 @@ class Pipeline:
         return self.writer.flush(timeout)
 
     def abort(self) -> None:
-        """Make a `stop()` in progress give up flushing and spool the rest now."""
+        """Make a `stop()` in progress give up flushing and spool the rest now.
+
+        Closes the buffer too, so a producer blocked in `submit` spools its rows and returns.
+        """
         self._hurry.set()
+        self.buffer.close()
 
     def stop(self, timeout: float | None = None) -> bool:
         """Flush within `timeout` seconds (default `writer.shutdown_timeout`), spool the rest.
 
-        Idempotent; callable from any thread except one blocked in `submit`.
-        Returns True if nothing was left unsettled (written, spooled,
+        Idempotent; callable from any thread. Bounded by `timeout` whatever
+        producers do: a `submit` blocked for room (policy `block`) is woken and
+        spools its rows. Returns True if nothing was left unsettled (written, spooled,
         quarantined or a counted policy drop); False if data could not be spooled.
         """
         with self._stop_lock:
@@ -188,8 +211,7 @@ class Pipeline:
             deadline = self.clock.monotonic() + timeout
             for consumer in self._consumers:
                 consumer.stop(max(0.0, deadline - self.clock.monotonic()))
-            with self._submit_lock:
-                self._accepting = False
+            self._end_intake(deadline)
             self.metrics.set_state(WriterState.STOPPING)
             self.writer.request_stop()
             finished = self._wait_writer(deadline)
@@ -219,6 +241,28 @@ class Pipeline:
                 self.metrics_server.stop(timeout=1.0)
             return self._stop_result
 
+    def _end_intake(self, deadline: float) -> None:
+        """Refuse later submits, then close the buffer; bounded by the deadline (at least a moment).
+
+        A submit in progress normally releases the submit lock within
+        microseconds; one blocked for room (policy `block`) is woken by
+        `buffer.close()` and spools its rows. Once closed, no row enters the
+        buffer, so the lock is only awaited to let that producer finish
+        spooling before the spool is sealed.
+        """
+        self._accepting = False
+        got = self._submit_lock.acquire(timeout=INTAKE_GRACE)
+        if not got:
+            self.buffer.close()
+            got = self._submit_lock.acquire(timeout=max(INTAKE_GRACE, deadline - self.clock.monotonic()))
+        try:
+            self.buffer.close()
+        finally:
+            if got:
+                self._submit_lock.release()
+        if not got:
+            log.warning("a producer still holds the submit lock; stopping without it")
+
     def _start_metrics_server(self) -> None:
         """Serve the HTTP endpoint if metrics.port > 0; a taken port raises ConfigError before anything runs."""
         m = self.config.metrics
@@ -243,13 +287,7 @@ class Pipeline:
             rows.extend(self.buffer.drain(len(self.buffer) or 1).rows)
         if not rows:
             return True
-        try:
-            self.metrics.record_spooled(self.spool.write_rows(rows, force=True))
-            return True
-        except SpoolError as exc:
-            log.error("cannot spool %d values at shutdown: %s", len(rows), exc)
-            self.metrics.record_dropped(len(rows), "spool_error")
-            return False
+        return self._spool_rows(rows, "cannot spool at shutdown")
 
     def _close_sink(self) -> None:
         """Close the sink, bounded: a hung driver must not hold up the exit."""
@@ -266,6 +304,7 @@ class Pipeline:
             buffer_size=len(self.buffer),
             buffer_capacity=self.buffer.capacity,
             inflight=self.writer.inflight,
+            waiting=self.buffer.waiting,
             backup_files=files,
             backup_bytes=size,
             spool_full=self.spool.backup.full,

@@ -41,6 +41,7 @@ from tagwriter.spool import Spool
 
 log = logging.getLogger(__name__)
 
+TARGET_FILE = ".target"  # in the spool folder: the database its files are meant for
 RESCAN_INTERVAL = 10.0  # seconds between looks at the spool folder while idle
 RATE_WINDOW = 10.0  # seconds the drain rate is averaged over
 MIN_RATE_SPAN = 1.0  # a drain that just started is averaged over at least this long
@@ -75,6 +76,7 @@ class SpoolDrain:
         self._next_scan = 0.0
         self._failures = 0
         self._skip: set[Path] = set()  # refused or unmovable files: left alone until restart
+        self._target_checked = False
         self._window: deque[tuple[float, int]] = deque()
         self._rate_since = 0.0  # when the rows now in the window started draining
         self._row_bytes = 0.0  # measured on drained lines; 0 = not yet
@@ -192,12 +194,48 @@ class SpoolDrain:
 
     def _scan(self, now: float) -> None:
         self._next_scan = now + RESCAN_INTERVAL
+        self.check_target()
         current = self._current.path if self._current is not None else None
         files = [p for p in self.spool.backup.files() if p != current and p not in self._skip]
         with self._lock:
             self._queue = deque(files)
         if files:
             log.info("auto replay: %d spool file%s to drain", len(files), "s" * (len(files) != 1))
+
+    def check_target(self) -> None:
+        """Once, before the first drain: leave alone spool files an earlier run made for another database.
+
+        The spool folder's TARGET_FILE names the database (sink.describe(), no
+        password) its files were spooled for. Files found at start while it
+        names another one are not drained here (a scratch run must not pour a
+        production backlog into its own database); `tagwriter replay` moves
+        them on purpose. Otherwise the file is (re)written with this run's target.
+        """
+        if self._target_checked:
+            return
+        self._target_checked = True
+        target = _target(self.sink)
+        marker = self.spool.directory / TARGET_FILE
+        try:
+            previous = marker.read_text(encoding="utf-8").strip()
+        except OSError:
+            previous = ""
+        files = self.spool.backup.files()
+        if files and previous and previous != target:
+            self._skip.update(files)
+            log.warning(
+                "auto replay: %d spool file%s in %s were spooled for %s, not for %s: left alone; "
+                "replay them into their database with `tagwriter replay %s --database URL`",
+                len(files), "s" * (len(files) != 1), self.spool.directory, previous, target, self.spool.directory,
+            )
+            return
+        try:
+            self.spool.directory.mkdir(parents=True, exist_ok=True)
+            tmp = marker.with_name(marker.name + ".tmp")
+            tmp.write_text(target + "\n", encoding="utf-8")
+            tmp.replace(marker)
+        except OSError as exc:
+            log.warning("auto replay: cannot record the spool's target in %s: %s", marker, exc)
 
     def _open_next(self) -> FileReplay | None:
         with self._lock:
@@ -268,3 +306,11 @@ class SpoolDrain:
             self._pending = []
         if skip:
             self._skip.add(fr.path)
+
+
+def _target(sink: Sink) -> str:
+    """The database a sink writes to, as it describes itself; test wrappers (`.inner`) see through."""
+    while getattr(sink, "inner", None) is not None:
+        sink = sink.inner  # type: ignore[attr-defined]
+    return sink.describe()
+

@@ -105,7 +105,10 @@ class RollingCsv:
                 self._rows_in_file += count
                 self._bytes += self._file.tell() - before
             except OSError as exc:
-                raise SpoolError(f"cannot write {self._path}: {exc}") from exc
+                # No file yet when the folder itself cannot be made: name the folder.
+                where = self._path if self._file is not None else f"to folder {self.directory}"
+                raise SpoolError(f"cannot write {where}: {exc}",
+                                 hint="check backup.directory and its disk") from exc
             if self._rows_in_file >= self.roll_rows:
                 self._seal()
             return count
@@ -206,7 +209,10 @@ class RollingCsv:
         total = 0
         for entry in os.scandir(self.directory):
             if entry.is_file() and entry.name.startswith(self.prefix + "-"):
-                total += entry.stat().st_size
+                try:
+                    total += entry.stat().st_size
+                except FileNotFoundError:  # moved meanwhile (the drain finished it, a replay, a roll)
+                    continue
         return total
 
     def stats(self) -> tuple[int, int]:

@@ -6,7 +6,10 @@ after each of `retry_delays` (interruptible by stop) -> retries exhausted: the
 batch is spooled and the writer enters *outage mode*, where every later batch
 is spooled at once while a probe thread checks the database with capped
 backoff. When the probe succeeds, live writes resume and `on_recovered` runs
-(the automatic spool drain hooks in there).
+(the automatic spool drain hooks in there). After a *fatal* error a probe
+must also prove that writes can work (for an `AdminSink`: the table's shape
+and a rolled-back insert), and a failing one backs off to the cap at once,
+so a misconfigured table does not flip between failed and writing.
 
 The batch being written is *in flight*. If `stop()`'s deadline passes while a
 write hangs, the pipeline takes the in-flight batch with `abandon()` and spools
@@ -28,12 +31,13 @@ from tagwriter.config import WriterConfig
 from tagwriter.errors import FatalError, SpoolError, SpoolFullError, TransientError
 from tagwriter.metrics import Metrics, WriterState
 from tagwriter.models import TagValue
-from tagwriter.sinks.base import Sink, WriteResult
+from tagwriter.sinks.base import AdminSink, Sink, WriteResult
 from tagwriter.spool import Spool
 
 log = logging.getLogger(__name__)
 
 IDLE_TICK = 0.25  # seconds between housekeeping when no batch is due
+SPOOL_ERROR_LOG_INTERVAL = 10.0  # seconds between "cannot spool" log lines
 
 
 class BackgroundWork(Protocol):
@@ -70,7 +74,7 @@ class Writer:
         self.clock = clock
         self.on_recovered = on_recovered
         self.background: BackgroundWork | None = None  # run only when no live batch is due
-        self._background_due: float | None = None
+        self._background_at: float | None = None  # clock time the next background step is due
         self._thread = threading.Thread(target=self._run, name="tagwriter-writer", daemon=True)
         self._probe_thread: threading.Thread | None = None
         self._stopping = threading.Event()  # drain what is pending, then exit
@@ -81,7 +85,11 @@ class Writer:
         self._outage = False
         self._flushers = 0
         self._idle = threading.Condition()
-        self.fatal_error: FatalError | None = None
+        self.fatal_error: FatalError | None = None  # the current one; cleared on recovery
+        self.last_fatal_error: FatalError | None = None  # sticky, for the exit status
+        self._verify_writes = False  # after a fatal error the probe must prove writes work
+        self._spool_failures = [0, 0]  # batches, rows that could not be spooled since the last log line
+        self._spool_error_logged = float("-inf")
 
     # -- control (any thread) ----------------------------------------------
 
@@ -207,8 +215,11 @@ class Writer:
         )
 
     def _idle_wait(self) -> float:
-        due = self._background_due
-        return IDLE_TICK if due is None else min(IDLE_TICK, due)
+        """Park until the idle tick, or until the next background step is due if sooner."""
+        at = self._background_at
+        if at is None:
+            return IDLE_TICK
+        return min(IDLE_TICK, max(0.0, at - self.clock.monotonic()))
 
     def _background_step(self, pending: int) -> bool:
         """Run background work while no live batch is due; True to wait again instead of writing.
@@ -217,26 +228,28 @@ class Writer:
         older than `flush_interval` waits, so a live batch waits for one step at most.
         """
         work = self.background
-        self._background_due = None
         if work is None or self._outage:
+            self._background_at = None
             return False
         if pending >= self.config.batch_size or (
             pending and self.buffer.oldest_age() >= self.config.flush_interval
         ):
-            return False
+            return False  # `_background_at` stays: the writer wakes for the step after this batch
+        stepped = False
         try:
             due = work.due_in()
             if due is not None and due <= 0.0:
                 work.step()
+                stepped = True
+                due = work.due_in()  # when the next step is due, so the writer wakes then
         except Exception:  # a bug in the background work must not stop live writes
             log.exception("background work failed; it is switched off")
             self.background = None
+            self._background_at = None
             return False
-        if due is None:
-            return False
-        self._background_due = max(0.0, due)
+        self._background_at = None if due is None else self.clock.monotonic() + max(0.0, due)
         # A partial live batch keeps filling while the backlog drains.
-        return due <= 0.0 or pending > 0
+        return stepped or (due is not None and pending > 0)
 
     def _notify_idle(self) -> None:
         with self._idle:
@@ -341,11 +354,27 @@ class Writer:
                         self._enter_outage(str(failure))
                 continue
             except SpoolError as exc:
-                log.error("cannot spool %d values: %s", len(batch), exc)
+                self._log_spool_error(len(batch), exc)
                 self._claim(batch, lambda: self.metrics.record_dropped(len(batch), "spool_error"))
                 return
             self._claim(batch, lambda: self.metrics.record_spooled(len(batch)))
             return
+
+    def _log_spool_error(self, rows: int, exc: SpoolError) -> None:
+        """Log the first failure, then at most one summary per SPOOL_ERROR_LOG_INTERVAL (writer thread)."""
+        failures = self._spool_failures
+        failures[0] += 1
+        failures[1] += rows
+        now = self.clock.monotonic()
+        if now - self._spool_error_logged < SPOOL_ERROR_LOG_INTERVAL:
+            return
+        if failures[0] == 1:
+            log.error("cannot spool %d values: %s", rows, exc)
+        else:
+            log.error("cannot spool: %d values in %d batches dropped since the last message; last error: %s",
+                      failures[1], failures[0], exc)
+        failures[0] = failures[1] = 0
+        self._spool_error_logged = now
 
     # -- outage mode -------------------------------------------------------
 
@@ -364,8 +393,9 @@ class Writer:
         log.error("database error that retrying cannot fix: %s%s; spooling", exc, hint)
         with self._lock:
             self._outage = True
-        self.fatal_error = exc
-        self.metrics.set_state(WriterState.FAILED, str(exc))
+            self._verify_writes = True
+        self.fatal_error = self.last_fatal_error = exc
+        self.metrics.record_fatal(str(exc))
         self._start_probe()
 
     def _start_probe(self) -> None:
@@ -378,15 +408,25 @@ class Writer:
             self._probe_thread.start()
 
     def _probe_loop(self) -> None:
-        delay = self.config.probe_interval
+        # A second fatal error in one run: the database was "fixed" and broke again; probe slowly.
+        fatal_again = self._verify_writes and self.metrics.fatal_errors > 1
+        delay = self.config.probe_max_interval if fatal_again else self.config.probe_interval
         while not self._interrupt.is_set():
             if self.clock.wait(self._interrupt, delay):
                 return
             try:
                 self.sink.probe()
-            except (TransientError, FatalError) as exc:
+                if self._verify_writes:
+                    self._check_writable()
+            except FatalError as exc:
+                if self._verify_writes:  # the probe's finding is the more precise one (table shape)
+                    self.fatal_error = self.last_fatal_error = exc
+                self.metrics.set_state(WriterState.FAILED, str(exc))
+                delay = self.config.probe_max_interval  # needs an operator: no point probing often
+                continue
+            except TransientError as exc:
                 self.metrics.set_state(
-                    WriterState.FAILED if isinstance(exc, FatalError) else WriterState.OUTAGE, str(exc)
+                    WriterState.FAILED if self._verify_writes else WriterState.OUTAGE, str(exc)
                 )
                 delay = min(delay * 2, self.config.probe_max_interval)
                 continue
@@ -398,9 +438,25 @@ class Writer:
             self._recover()
             return
 
+    def _check_writable(self) -> None:
+        """After a fatal error: raise FatalError unless the table matches and an insert works."""
+        sink = self.sink
+        if not isinstance(sink, AdminSink):
+            return
+        info = sink.inspect_table()
+        if info is None:
+            raise FatalError(f"{sink.describe()}: the table does not exist", hint="run tagwriter init-db")
+        diffs = sink.table_differences(info)
+        if diffs:
+            raise FatalError(f"{sink.describe()}: the table does not match: " + "; ".join(diffs),
+                             hint="fix the table (tagwriter init-db --print shows the expected one), "
+                                  "then tagwriter replay")
+        sink.try_insert()
+
     def _recover(self) -> None:
         with self._lock:
             self._outage = False
+            self._verify_writes = False
             self._probe_thread = None  # a new outage starts a new probe
         self.fatal_error = None
         try:
@@ -408,7 +464,7 @@ class Writer:
         except SpoolError as exc:
             log.error("%s", exc)
         log.info("database reachable again: live writes resume")
-        if not self._stopping.is_set():
+        if not self._stopping.is_set() and not self._outage:  # a new failure may have come meanwhile
             self.metrics.set_state(WriterState.WRITING, "")
         if self.on_recovered is not None:
             self.on_recovered()

@@ -325,6 +325,47 @@ def test_block_timeout_zero_drops_at_once() -> None:
     assert [r.ts_us for r in contents(buf)] == [0, 1, 2]
 
 
+def blocked_put() -> tuple[RingBuffer, threading.Thread, list[object]]:
+    """A full buffer of 2 (block policy, 30 s timeout on a clock that never moves) and a
+    producer blocked putting rows 10-12: only room or close() can end its wait."""
+    buf = RingBuffer(2, "block", block_timeout=30.0, clock=ManualClock())
+    buf.put_many(rows(0, 2))
+    results: list[object] = []
+    producer = threading.Thread(target=lambda: results.append(buf.put_many(rows(10, 3))))
+    producer.start()
+    wait_until(lambda: buf.waiting == 3, what="put blocked with 3 rows waiting")
+    return buf, producer, results
+
+
+def test_waiting_counts_the_rows_of_a_blocked_put_until_they_are_in() -> None:
+    buf, producer, _ = blocked_put()
+    assert len(buf) == 2  # buffered + waiting = every row handed over
+    buf.drain(1)
+    wait_until(lambda: buf.waiting == 2, what="one waiting row taken in")
+    assert len(buf) == 2
+    buf.drain(2)
+    producer.join(10)
+    assert not producer.is_alive()
+    assert buf.waiting == 0 and [r.ts_us for r in contents(buf)] == [11, 12]
+
+
+def test_close_wakes_a_blocked_put_which_refuses_its_rows_and_later_puts_refuse_too() -> None:
+    buf, producer, results = blocked_put()
+    buf.close()
+    producer.join(10)
+    assert not producer.is_alive()
+    (result,) = results
+    assert result.accepted == 0 and result.dropped == 0  # type: ignore[attr-defined]
+    assert [r.ts_us for r in result.refused] == [10, 11, 12]  # type: ignore[attr-defined]
+    assert buf.waiting == 0 and buf.overflowed == 0
+    for policy in ("drop-oldest", "spill", "block"):
+        other = RingBuffer(5, policy)
+        other.close()
+        late = other.put_many(rows(20, 2))
+        assert (late.accepted, len(late.refused), len(other)) == (0, 2, 0)
+    assert [r.ts_us for r in contents(buf)] == [0, 1]  # drain still works after close
+
+
 # -- threads ---------------------------------------------------------------------
 
 

@@ -113,12 +113,13 @@ def test_prometheus_output_parses_with_the_right_types(running: tuple[Pipeline, 
     types = {name: f.type for name, f in families.items()}
     for name in ("tagwriter_rows_written", "tagwriter_rows_duplicate", "tagwriter_rows_spooled",
                  "tagwriter_rows_quarantined", "tagwriter_values_dropped", "tagwriter_values_submitted",
-                 "tagwriter_batches", "tagwriter_retries", "tagwriter_outages"):
+                 "tagwriter_batches", "tagwriter_retries", "tagwriter_outages", "tagwriter_fatal_errors"):
         assert types[name] == "counter", name
     for name in ("tagwriter_buffer_values", "tagwriter_buffer_capacity_values", "tagwriter_buffer_utilization_ratio",
                  "tagwriter_write_latency_seconds", "tagwriter_write_batch_size_values", "tagwriter_backup_files",
                  "tagwriter_backup_bytes", "tagwriter_writer_state", "tagwriter_uptime_seconds",
-                 "tagwriter_overflow_ratio_1h", "tagwriter_backlog_rows", "tagwriter_backlog_files"):
+                 "tagwriter_overflow_ratio_1h", "tagwriter_backlog_rows", "tagwriter_backlog_files",
+                 "tagwriter_waiting_values"):
         assert types[name] == "gauge", name
     assert types["tagwriter_end_to_end_latency_seconds"] == "histogram"
 

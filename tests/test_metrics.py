@@ -285,3 +285,15 @@ def test_snapshot_extra_fields_go_to_backlog_or_extra() -> None:
     snap = m.snapshot(backlog_rows=40, backlog_files=2, drain_rate_per_s=10.0, drain_eta_s=4.0, replayed=7)
     assert (snap.backlog_rows, snap.backlog_files, snap.drain_rate_per_s, snap.drain_eta_s) == (40, 2, 10.0, 4.0)
     assert snap.extra == {"replayed": 7}
+
+
+def test_waiting_rows_are_pending_and_fatal_errors_stay_counted() -> None:
+    m = Metrics(ManualClock())
+    m.record_submitted(30)
+    m.record_spooled(10)
+    snap = m.snapshot(buffer_size=5, inflight=5, waiting=10)
+    assert (snap.pending, snap.waiting) == (20, 10) and snap.accounted == snap.submitted == 30
+    m.record_fatal("no such column")
+    assert m.snapshot().state == "failed" and m.snapshot().fatal_errors == 1
+    m.set_state(WriterState.WRITING, "")  # a recovery does not reset the count
+    assert m.snapshot().fatal_errors == 1 and m.last_fatal_error == "no such column"

@@ -568,6 +568,106 @@ def test_stop_with_a_fatal_sink_spools_everything(tmp_path: Path) -> None:
     assert_identity(snap, 40)
 
 
+def test_stop_is_bounded_while_a_submit_waits_for_room(tmp_path: Path, released: list[MemorySink]) -> None:
+    """A producer blocked in submit (policy block, long timeout) neither delays stop nor loses rows."""
+    sink, _ = faulty_sqlite(tmp_path)
+    released.append(sink)
+    sink.block()
+    config = make_config(tmp_path, buffer={"capacity": 100, "overflow_policy": "block", "block_timeout": 60.0})
+    data = groups(3, 100)
+    p = Pipeline(config, sink=sink).start()
+    p.submit(data[0])
+    assert sink.blocked.wait(5.0)  # batch 1 hangs in the sink
+    p.submit(data[1])  # the buffer is full
+    outcome: list[bool] = []
+    producer = threading.Thread(target=lambda: outcome.append(p.submit(data[2])))
+    producer.start()
+    assert wait_for(lambda: p.buffer.waiting == 100), "the third submit did not block"
+    # While it waits, its rows are submitted and pending: the identity holds at this snapshot.
+    snap = p.snapshot()
+    assert (snap.submitted, snap.pending, snap.waiting) == (300, 300, 100), snap
+    assert snap.submitted == snap.accounted
+    t0 = time.monotonic()
+    assert p.stop(1.0) is True
+    assert time.monotonic() - t0 < 3.0  # was block_timeout (60 s): stop waited for the submit lock
+    producer.join(5.0)
+    assert not producer.is_alive() and outcome == [True]  # its rows were spooled, not dropped
+    snap = p.snapshot()
+    assert snap.spooled == 300 and snap.dropped == 0 and snap.waiting == 0
+    assert_identity(snap, 300)
+    assert sorted(exact(spooled(tmp_path / "backup"))) == sorted(exact(expand(data)))
+    with pytest.raises(PipelineStopped):
+        p.submit(data[0])
+
+
+def test_abort_wakes_a_blocked_submit_at_once(tmp_path: Path, released: list[MemorySink]) -> None:
+    sink, _ = faulty_sqlite(tmp_path)
+    released.append(sink)
+    sink.block()
+    config = make_config(tmp_path, buffer={"capacity": 100, "overflow_policy": "block", "block_timeout": 60.0})
+    p = Pipeline(config, sink=sink).start()
+    data = groups(3, 100)
+    p.submit(data[0])
+    assert sink.blocked.wait(5.0)
+    p.submit(data[1])
+    producer = threading.Thread(target=lambda: p.submit(data[2]))
+    producer.start()
+    assert wait_for(lambda: p.buffer.waiting == 100)
+    p.abort()
+    producer.join(5.0)
+    assert not producer.is_alive()
+    assert p.stop(0.0) is True
+    assert_identity(p.snapshot(), 300)
+    assert p.snapshot().spooled == 300
+
+
+@pytest.mark.parametrize("where", ["folder", "under-a-file"])
+def test_a_sqlite_path_that_can_never_open_is_fatal_and_spools(tmp_path: Path, where: str) -> None:
+    (tmp_path / "afile").write_text("x")
+    path = tmp_path if where == "folder" else tmp_path / "afile" / "x.db"
+    config = make_config(tmp_path)
+    config.database.url = f"sqlite:///{path}"
+    data = groups(2, 10)
+    with Pipeline(config) as p:
+        for pd in data:
+            p.submit(pd)
+        assert wait_for(lambda: p.snapshot().fatal_errors == 1)
+        assert p.snapshot().state == "failed"
+        err = p.writer.last_fatal_error
+        assert err is not None and err.code == ("EISDIR" if where == "folder" else "ENOTDIR"), err
+        assert err.hint
+    snap = p.snapshot()
+    assert snap.spooled == 20 and snap.fatal_errors == 1
+    assert_identity(snap, 20)
+
+
+def test_run_exit_code_is_1_after_a_fatal_error_however_long_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A table of the wrong shape: the probe must not report recovery (it flipped every second)."""
+    from typer.testing import CliRunner
+
+    from tagwriter.cli.app import app
+
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "wrong.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("create table tag_values(tag_name text, ts text, val real, quality int)")
+    env = {"TAGWRITER_SOURCE_GROUPS": "1", "TAGWRITER_SOURCE_TAGS_PER_GROUP": "5",
+           "TAGWRITER_SOURCE_INTERVAL": "0.05", "TAGWRITER_WRITER_FLUSH_INTERVAL": "0.05",
+           "TAGWRITER_WRITER_PROBE_INTERVAL": "0.02", "TAGWRITER_WRITER_PROBE_MAX_INTERVAL": "0.05"}
+    result = CliRunner().invoke(app, ["run", "--duration", "1", "--no-panel", "--database", f"sqlite:///{db}"],
+                                env=env)
+    assert result.exit_code == 1, result.output
+    assert "refused writes" in result.output
+    # the write's error, or (once a probe ran) the table check's finding
+    assert "has no column named value" in result.output or "column value is missing" in result.output
+    assert "adds up" in result.output  # every value is in the spool
+    assert "batches: 0 written, 1 failed" in result.output  # no flip back to writing, no second failure
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("select count(*) from tag_values").fetchone() == (0,)
+
+
 # -- a later run -----------------------------------------------------------------
 
 

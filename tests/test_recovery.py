@@ -19,17 +19,20 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from tagwriter.buffer import RingBuffer
 from tagwriter.config import BackupConfig, Config, DatabaseConfig, WriterConfig, validate
 from tagwriter.errors import TransientError
 from tagwriter.metrics import Metrics, MetricsSnapshot, WriterState
 from tagwriter.models import PollingData, TagValue, format_ts
 from tagwriter.pipeline import Pipeline
-from tagwriter.recovery import ADAPTIVE_DUTY, RATE_WINDOW, SpoolDrain
+from tagwriter.recovery import ADAPTIVE_DUTY, RATE_WINDOW, TARGET_FILE, SpoolDrain
 from tagwriter.sinks.base import Sink, WriteResult
 from tagwriter.sinks.memory import MemorySink
 from tagwriter.sinks.sqlite import SqliteSink
 from tagwriter.spool import Spool
 from tagwriter.ui.panel import render_panel
+from tagwriter.writer import Writer
+from tests.clocks import ManualClock
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
@@ -181,6 +184,36 @@ def test_spool_files_left_by_an_earlier_run_are_drained_at_start(tmp_path: Path)
     assert table(tmp_path / "tags.db") == as_table(earlier.values + live.values)
     quarantined = "".join(f.read_text() for f in (backup / "quarantine").glob("quarantine-*.csv"))
     assert "truncated line (no line end)" in quarantined and "earlier.99,2026-01-01T00:0" in quarantined
+
+
+def test_spool_files_made_for_another_database_are_not_drained_into_this_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scratch run in the same folder must not pour another database's backlog into its own."""
+    backup = tmp_path / "backup"
+    earlier = Feed("earlier")
+    with Pipeline(make_config(tmp_path), sink=SqliteSink(tmp_path / "production.db")) as p:
+        pass  # records the spool's target: production.db
+    assert "production.db" in (backup / TARGET_FILE).read_text()
+    spool = Spool(backup, backup / "quarantine")
+    data = PollingData("g", T0, {f"earlier.{i}": float(i) for i in range(10)})
+    earlier.values += data.rows()
+    spool.write_rows(list(data.rows()))
+    spool.seal()
+    left = spool_files(backup)
+    live = Feed()
+    with caplog.at_level("WARNING", logger="tagwriter.recovery"), \
+            Pipeline(make_config(tmp_path), sink=SqliteSink(tmp_path / "scratch.db")) as p:
+        live.submit(p, 3)
+        assert p.flush(5)
+        wait_until(lambda: p.drain._next_scan > 0, "the drain's first look at the folder")
+        assert p.snapshot().backlog_files == 0  # not this run's backlog
+    assert table(tmp_path / "scratch.db") == as_table(live.values)  # only its own values
+    assert spool_files(backup) == left
+    assert any("spooled for sqlite:///" in r.message and "production.db" in r.message for r in caplog.records)
+    with Pipeline(make_config(tmp_path), sink=SqliteSink(tmp_path / "production.db")) as p:
+        wait_until(lambda: not spool_files(backup), "the drain into the database the files were made for")
+    assert table(tmp_path / "production.db") == as_table(earlier.values)
 
 
 def test_auto_replay_false_leaves_the_spool_alone(tmp_path: Path) -> None:
@@ -425,3 +458,104 @@ def test_rows_the_database_rejects_while_draining_go_to_quarantine_with_the_erro
     assert all(line.startswith("earlier.7,") and ",SQLITE_CONSTRAINT_CHECK,CHECK constraint failed: value," in line
                and "auto replay" in line for line in lines)
     assert not spool.backup.files()
+
+
+# -- pacing on the real writer thread, in simulated time -----------------------------
+
+
+class SimulatedLive(RingBuffer):
+    """The live stream in simulated time (test instrumentation).
+
+    `wait_ready` (called by the writer thread only) advances the ManualClock to
+    the moment a real wait would end (the timeout, a batch due by size or age)
+    and puts the live polls that arrive meanwhile: `rows` values every
+    `period` seconds, like the default simulator (1,000 values/s). So the real
+    Writer loop and SpoolDrain run deterministically on the fake clock. From
+    `until` on, time stands still and the writer parks until `wake()` (stop).
+    """
+
+    def __init__(self, clock: ManualClock, *, rows: int, period: float, until: float) -> None:
+        super().__init__(100_000, clock=clock)
+        self.clock = clock
+        self.rows = rows
+        self.period = period
+        self.until = until
+        self.next_poll = clock.monotonic()
+        self.polls = 0
+
+    def _poll(self) -> None:
+        k = self.polls
+        self.polls += 1
+        self.put_many([TagValue(f"live.{j}", 1_000_000 * k, float(j)) for j in range(self.rows)],
+                      t_submit=self.next_poll)
+        self.next_poll += self.period
+
+    def wait_ready(self, batch_size: int, max_age: float, timeout: float) -> int:
+        clock = self.clock
+        now = clock.monotonic()
+        deadline = now + timeout
+        while True:
+            while self.next_poll <= now:
+                self._poll()
+            if now >= self.until:
+                return super().wait_ready(batch_size, max_age, 3600.0)  # parks until wake()
+            n = len(self)
+            if n >= batch_size or (n and self.oldest_age() >= max_age) or now >= deadline:
+                return n
+            t = min(deadline, self.next_poll, self.until)
+            if n:
+                t = min(t, now + max_age - self.oldest_age())
+            clock.advance(max(0.0, t - now))
+            now = clock.monotonic()
+
+
+class SimulatedSink(MemorySink):
+    """Each write takes `seconds` of simulated time; records (time, kind, rows)."""
+
+    def __init__(self, clock: ManualClock, seconds: float) -> None:
+        super().__init__()
+        self.clock = clock
+        self.seconds = seconds
+        self.log: list[tuple[float, str, int]] = []
+
+    def write_batch(self, rows: Sequence[TagValue]) -> WriteResult:
+        self.clock.advance(self.seconds)
+        kind = "live" if rows[0].tag.startswith("live") else "backlog"
+        self.log.append((self.clock.monotonic(), kind, len(rows)))
+        return super().write_batch(rows)
+
+
+@pytest.mark.parametrize("rate", [500.0, 2000.0, 4000.0])
+def test_the_writer_wakes_for_each_drain_step_so_replay_rate_is_met_with_live_data(
+    tmp_path: Path, rate: float
+) -> None:
+    """backup.replay_rate is the achieved drain rate (±15%), also while live batches are written:
+    the writer parks only until the next drain step is due, not for its idle tick."""
+    cfg = Config(
+        writer=WriterConfig(batch_size=500, flush_interval=1.0),
+        backup=BackupConfig(directory=str(tmp_path / "backup"), replay_rate=rate),
+    )
+    validate(cfg)
+    clock = ManualClock()
+    spool = Spool(cfg.backup.directory, roll_rows=10**9, clock=clock)
+    spool.write_rows([TagValue(f"earlier.{k % 100}", 1_000_000 * (k // 100), float(k)) for k in range(30_000)])
+    spool.seal()
+    start, end = clock.monotonic() + 1.0, clock.monotonic() + 6.0
+    buffer = SimulatedLive(clock, rows=100, period=0.1, until=end)
+    sink = SimulatedSink(clock, 0.005)
+    metrics = Metrics(clock)
+    writer = Writer(buffer, sink, spool, metrics, cfg.writer, clock=clock)
+    drain = SpoolDrain(spool, sink, cfg, clock=clock)
+    writer.background = drain
+    writer.start()
+    try:
+        wait_until(lambda: clock.monotonic() >= end, "simulated time to pass")
+    finally:
+        writer.request_stop()
+        assert writer.join(10.0)
+        drain.close()
+    backlog = sum(n for t, kind, n in sink.log if kind == "backlog" and start <= t < end)
+    live = sum(n for t, kind, n in sink.log if kind == "live" and start <= t < end)
+    achieved = backlog / (end - start)
+    assert achieved == pytest.approx(rate, rel=0.15), sink.log[:40]
+    assert live == pytest.approx(1000 * (end - start), rel=0.15)  # live data kept flowing

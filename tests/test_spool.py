@@ -378,3 +378,13 @@ def test_unwritable_folder_raises_spool_error(tmp_path: Path) -> None:
     with pytest.raises(SpoolError) as info:
         spool.write_rows(rows(1))
     assert not isinstance(info.value, SpoolFullError)
+
+
+def test_a_folder_that_cannot_be_made_is_named_in_the_error(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    spool = Spool(tmp_path / "afile" / "backup")
+    with pytest.raises(SpoolError) as info:
+        spool.write_rows([TagValue("t", 0, 1.0, 192)])
+    message = str(info.value)
+    assert f"cannot write to folder {tmp_path / 'afile' / 'backup'}" in message, message
+    assert "None" not in message and info.value.hint

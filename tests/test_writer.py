@@ -9,6 +9,7 @@ when the writer is parked in `wait_ready` again after reacting to a change.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -20,14 +21,15 @@ from clocks import ManualClock, wait_until
 
 from tagwriter.buffer import RingBuffer
 from tagwriter.config import BackupConfig, Config, WriterConfig
-from tagwriter.errors import FatalError
+from tagwriter.errors import FatalError, TransientError
 from tagwriter.metrics import Metrics, WriterState
 from tagwriter.models import TagValue
 from tagwriter.pipeline import Pipeline
 from tagwriter.sinks.base import WriteResult
 from tagwriter.sinks.memory import MemorySink
+from tagwriter.sinks.sqlite import SqliteSink
 from tagwriter.spool import Spool, SpoolLine, read_spool
-from tagwriter.writer import IDLE_TICK, Writer
+from tagwriter.writer import IDLE_TICK, SPOOL_ERROR_LOG_INTERVAL, Writer
 
 
 class TracedBuffer(RingBuffer):
@@ -335,6 +337,126 @@ def test_sink_down_at_start_spools_from_the_first_batch(rig: Rig) -> None:
     wait_until(lambda: rig.metrics.spooled == 5, what="spooled")
     assert rig.sink.write_calls == 0
     assert rig.spooled_rows() == rig.submitted
+
+
+# -- fatal errors: the probe must prove writes work ---------------------------------------------
+
+
+def wrong_shape_db(path: Path) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.execute("create table tag_values(tag_name text, ts text, val real, quality int)")
+
+
+def test_after_a_fatal_error_the_probe_proves_writes_work_before_recovery(tmp_path: Path) -> None:
+    """A table of the wrong shape: SELECT works, INSERT never does. No flip to writing, sticky count."""
+    clock = ManualClock()
+    db = tmp_path / "wrong.db"
+    wrong_shape_db(db)
+    cfg = WriterConfig(batch_size=5, flush_interval=1.0, retry_delays=[1.0], probe_interval=1.0,
+                       probe_max_interval=4.0)
+    buffer = TracedBuffer(1000, clock=clock)
+    sink = SqliteSink(db, busy_timeout=1.0)
+    spool = Spool(tmp_path / "backup", clock=clock)
+    metrics = Metrics(clock)
+    writer = Writer(buffer, sink, spool, metrics, cfg, clock=clock)
+    rig = Rig(clock, buffer, sink, spool, metrics, writer)  # type: ignore[arg-type]
+    writer.start()
+    try:
+        rig.submit(5)
+        wait_until(lambda: metrics.spooled == 5, what="batch spooled")
+        assert metrics.state is WriterState.FAILED and metrics.fatal_errors == 1 and metrics.retries == 0
+        assert "has no column named value" in str(writer.fatal_error)
+        waits = []
+        for _ in range(3):
+            waits.append(clock.advance_waiter("tagwriter-probe"))
+            wait_until(lambda: "does not match" in metrics.last_error, what="probe found the table wrong")
+        assert waits == [1.0, 4.0, 4.0]  # straight to the cap: only an operator can fix this
+        assert writer.in_outage and metrics.state is WriterState.FAILED
+        rig.submit(5)
+        wait_until(lambda: metrics.spooled == 10, what="second batch spooled at once")
+        assert metrics.batches_failed == 1  # no second write attempt
+        clock.wait_for_waiter("tagwriter-probe")  # the last probe ran (and failed) before the fix
+        # The operator fixes the table: the next probe recovers; the fatal count stays.
+        with sqlite3.connect(db) as conn:
+            conn.execute("drop table tag_values")
+        sink.create_table()
+        assert clock.advance_waiter("tagwriter-probe") == 4.0
+        wait_until(lambda: metrics.state is WriterState.WRITING, what="recovery")  # set last in _recover
+        snap = metrics.snapshot()
+        assert snap.state == "writing" and snap.fatal_errors == 1
+        assert writer.fatal_error is None and writer.last_fatal_error is not None
+        rig.submit(5)
+        wait_until(lambda: metrics.written == 5, what="live write after recovery")
+        rig.identity()
+    finally:
+        writer.request_stop()
+        assert writer.join(10.0)
+        sink.close()
+
+
+def test_a_second_fatal_error_probes_at_the_cap_from_the_start(rig: Rig) -> None:
+    start(rig)
+    for expected in (1.0, 4.0):
+        rig.sink.fail_times(1, error=lambda: FatalError("refused", code="TEST-FATAL"))
+        spooled = rig.metrics.spooled
+        rig.submit(5)
+        wait_until(lambda s=spooled: rig.metrics.spooled == s + 5, what="batch spooled")
+        assert rig.clock.advance_waiter("tagwriter-probe") == expected
+        wait_until(lambda: not rig.writer.in_outage, what="recovery")
+    assert rig.metrics.snapshot().fatal_errors == 2
+    rig.identity()
+
+
+def test_spool_failures_are_logged_rate_limited_with_the_folder(
+    rig: Rig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "afile").write_text("x")
+    rig.spool = rig.writer.spool = Spool(tmp_path / "afile" / "backup", clock=rig.clock)
+    start(rig)
+    rig.sink.go_down(FatalError("refused", code="TEST-FATAL"))
+    with caplog.at_level(logging.ERROR, logger="tagwriter.writer"):
+        for n in range(5):
+            rig.submit(5)
+            wait_until(lambda n=n: rig.metrics.snapshot().dropped == 5 * (n + 1), what="batch dropped")
+        spool_lines = [r.getMessage() for r in caplog.records if "cannot spool" in r.getMessage()]
+        assert len(spool_lines) == 1, spool_lines  # not one line per batch
+        assert f"cannot write to folder {tmp_path / 'afile' / 'backup'}" in spool_lines[0]
+        assert "None" not in spool_lines[0]
+        rig.clock.advance(SPOOL_ERROR_LOG_INTERVAL)
+        rig.submit(5)
+        wait_until(lambda: rig.metrics.snapshot().dropped == 30, what="batch dropped")
+        spool_lines = [r.getMessage() for r in caplog.records if "cannot spool" in r.getMessage()]
+    assert len(spool_lines) == 2 and "25 values in 5 batches" in spool_lines[1], spool_lines
+    assert rig.metrics.snapshot().dropped_by_reason == {"spool_error": 30}
+    rig.identity()
+
+
+def test_sqlite_probe_is_not_reachable_while_another_process_holds_the_write_lock(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    sink = SqliteSink(db, busy_timeout=0.1)
+    sink.open()
+    sink.probe()
+    other = sqlite3.connect(db, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(TransientError, match="locked"):
+            sink.probe()
+        other.execute("ROLLBACK")
+        sink.probe()  # reachable again once the lock is gone
+    finally:
+        other.close()
+        sink.close()
+
+
+@pytest.mark.parametrize("where", ["folder", "under-a-file"])
+def test_a_sqlite_path_that_can_never_open_is_fatal(tmp_path: Path, where: str) -> None:
+    (tmp_path / "afile").write_text("x")
+    path = tmp_path if where == "folder" else tmp_path / "afile" / "x.db"
+    sink = SqliteSink(path)
+    for call in (sink.open, sink.probe):
+        with pytest.raises(FatalError) as info:
+            call()
+        assert info.value.code == ("EISDIR" if where == "folder" else "ENOTDIR") and info.value.hint
 
 
 # -- stop while a write hangs ----------------------------------------------------------------

@@ -346,10 +346,11 @@ class Runner:
         if stopped is not None and (not stopped or lost or not adds_up):
             problems.append((f"{lost} values could not be written or spooled",
                              "check the disk of backup.directory and the log"))
-        fatal = self.pipeline.writer.fatal_error
-        if fatal is not None:
-            problems.append((f"the database refused writes: {fatal}",
-                             fatal.hint or "fix it, then tagwriter replay writes the backup files"))
+        # Sticky: a fatal error counts even if a probe later saw the database recover.
+        fatal = self.pipeline.writer.fatal_error or self.pipeline.writer.last_fatal_error
+        if s.fatal_errors or fatal is not None:
+            problems.append((f"the database refused writes: {fatal or s.last_error}",
+                             (fatal.hint if fatal else "") or "fix it, then tagwriter replay writes the backup files"))
         for message, hint in problems:
             fail(message, hint)
         return 1 if problems else 0

@@ -30,8 +30,11 @@ def classify(exc: sqlite3.Error, where: str) -> SinkError:
     text = str(exc)
     low = text.lower()
     code = getattr(exc, "sqlite_errorname", "") or type(exc).__name__
-    if "no such table" in low or "no such column" in low or "has no column" in low:
+    if "no such table" in low:
         return FatalError(f"{where}: {text}", code=code, hint="run tagwriter init-db")
+    if "no such column" in low or "has no column" in low:
+        return FatalError(f"{where}: {text}", code=code, hint="the table has other columns than database.* "
+                          "names: tagwriter test-connection shows the differences")
     if "file is not a database" in low or "readonly" in low or "read-only" in low:
         return FatalError(f"{where}: {text}", code=code)
     if isinstance(exc, (sqlite3.OperationalError, sqlite3.DatabaseError)):
@@ -101,9 +104,23 @@ class SqliteSink:
             conn.execute("PRAGMA synchronous=NORMAL")
             return conn
         except sqlite3.Error as exc:
-            raise classify(exc, f"open {self.path}") from None
+            raise self._unopenable() or classify(exc, f"open {self.path}") from None
         except OSError as exc:
-            raise TransientError(f"open {self.path}: {exc}") from None
+            raise self._unopenable() or TransientError(f"open {self.path}: {exc}") from None
+
+    def _unopenable(self) -> FatalError | None:
+        """Why the path can never be a database file (a folder, or under a file), else None."""
+        path = Path(self.path)
+        if path.is_dir():
+            return FatalError(f"open {self.path}: this is a folder, not a database file", code="EISDIR",
+                              hint="give a file path in database.url, e.g. sqlite:///data/tagwriter.db")
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    return FatalError(f"open {self.path}: {parent} is a file, not a folder", code="ENOTDIR",
+                                      hint="check database.url")
+                break
+        return None
 
     def open(self) -> None:
         if self._conn is not None:
@@ -168,9 +185,15 @@ class SqliteSink:
                 conn.close()
 
     def probe(self) -> None:
+        """Take the write lock (BEGIN IMMEDIATE) and roll back: a file another process holds
+        write-locked is not reachable. Waits at most the busy timeout."""
         conn = self.connect()
         try:
-            conn.execute(f'SELECT 1 FROM "{self.spec.table}" LIMIT 0')
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(f'SELECT 1 FROM "{self.spec.table}" LIMIT 0')
+            finally:
+                conn.execute("ROLLBACK")
         except sqlite3.Error as exc:
             raise classify(exc, f"probe {self.path}") from None
         finally:
