@@ -43,6 +43,14 @@ class FatalError(SinkError):
     """Retrying will not help (missing table, bad password, privileges)."""
 
 
+class LoginRefusedError(FatalError):
+    """The database refused the login itself (wrong password, locked or expired account).
+
+    Not even probed again: every failed login counts against the account's
+    limit (Oracle's DEFAULT profile locks it after 10, for everyone using it).
+    """
+
+
 class PipelineStopped(TagwriterError):
     """`submit` after `stop()`: the value was not taken."""
 

@@ -28,7 +28,7 @@ from typing import Protocol
 from tagwriter.buffer import Batch, RingBuffer
 from tagwriter.clock import SYSTEM_CLOCK, Clock
 from tagwriter.config import WriterConfig
-from tagwriter.errors import FatalError, SpoolError, SpoolFullError, TransientError
+from tagwriter.errors import FatalError, LoginRefusedError, SpoolError, SpoolFullError, TransientError
 from tagwriter.metrics import Metrics, WriterState
 from tagwriter.models import TagValue
 from tagwriter.sinks.base import AdminSink, Sink, WriteResult
@@ -396,6 +396,10 @@ class Writer:
             self._verify_writes = True
         self.fatal_error = self.last_fatal_error = exc
         self.metrics.record_fatal(str(exc))
+        if isinstance(exc, LoginRefusedError):
+            log.error("not logging in again until restarted: each failed login counts toward locking the "
+                      "account; fix the credentials, restart tagwriter, then the spool is replayed")
+            return
         self._start_probe()
 
     def _start_probe(self) -> None:
@@ -422,6 +426,11 @@ class Writer:
                 if self._verify_writes:  # the probe's finding is the more precise one (table shape)
                     self.fatal_error = self.last_fatal_error = exc
                 self.metrics.set_state(WriterState.FAILED, str(exc))
+                if isinstance(exc, LoginRefusedError):
+                    self.fatal_error = self.last_fatal_error = exc
+                    self.metrics.record_fatal(str(exc))
+                    log.error("probe: %s; not logging in again until restarted (account lockout)", exc)
+                    return
                 delay = self.config.probe_max_interval  # needs an operator: no point probing often
                 continue
             except TransientError as exc:

@@ -22,7 +22,7 @@ from oracle_fake import FakeDriver, FakeServer, dpy, lost, ora, refused
 
 from tagwriter import config as config_mod
 from tagwriter.config import BackupConfig, Config, DatabaseConfig, WriterConfig
-from tagwriter.errors import ConfigError, FatalError, RowError, SinkError, TransientError
+from tagwriter.errors import ConfigError, FatalError, LoginRefusedError, RowError, SinkError, TransientError
 from tagwriter.models import PollingData, TagValue
 from tagwriter.pipeline import Pipeline
 from tagwriter.sinks.base import ColumnInfo, TableInfo
@@ -122,8 +122,8 @@ CASES: list[tuple[str, str, Callable[[], BaseException], type[SinkError], str, s
     ("service", "connect", lambda: dpy(6001, service_name="orclpdb", host="127.0.0.1", port=1521),
      TransientError, "DPY-6001", "listener up but service name unknown"),
     ("password", "connect", lambda: ora(1017, "invalid credential or not authorized; logon denied"),
-     FatalError, "ORA-01017", "user or password wrong"),
-    ("locked", "connect", lambda: ora(28000, "The account is locked."), FatalError, "ORA-28000", "locked"),
+     LoginRefusedError, "ORA-01017", "user or password wrong"),
+    ("locked", "connect", lambda: ora(28000, "The account is locked."), LoginRefusedError, "ORA-28000", "locked"),
     ("starting", "connect", lambda: ora(1033, "ORACLE initialization or shutdown in progress"),
      TransientError, "ORA-01033", "starting up"),
     ("shutdown", "connect", lambda: ora(1089, "immediate shutdown or close in progress"),

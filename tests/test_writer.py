@@ -21,7 +21,7 @@ from clocks import ManualClock, wait_until
 
 from tagwriter.buffer import RingBuffer
 from tagwriter.config import BackupConfig, Config, WriterConfig
-from tagwriter.errors import FatalError, TransientError
+from tagwriter.errors import FatalError, LoginRefusedError, TransientError
 from tagwriter.metrics import Metrics, WriterState
 from tagwriter.models import TagValue
 from tagwriter.pipeline import Pipeline
@@ -264,6 +264,21 @@ def test_fatal_error_is_not_retried(rig: Rig) -> None:
     assert rig.metrics.state is WriterState.FAILED
     assert rig.writer.fatal_error is not None and "table missing" in str(rig.writer.fatal_error)
     assert rig.spooled_rows() == rig.submitted
+    rig.identity()
+
+
+def test_a_refused_login_is_never_tried_again(rig: Rig) -> None:
+    """Each failed login counts toward locking the account: no probe after ORA-01017 and kin."""
+    start(rig)
+    rig.sink.go_down(LoginRefusedError("logon denied", code="ORA-01017"))
+    rig.submit(5)
+    wait_until(lambda: rig.metrics.spooled == 5, what="batch spooled")
+    rig.submit(5)
+    wait_until(lambda: rig.metrics.spooled == 10, what="the next batch spooled at once")
+    rig.clock.advance(3600.0)  # an hour: a probe would have run many times
+    assert rig.sink.write_calls == 1 and rig.sink.probe_calls == 0
+    snap = rig.metrics.snapshot()
+    assert snap.state == "failed" and snap.fatal_errors == 1 and rig.writer.last_fatal_error is not None
     rig.identity()
 
 

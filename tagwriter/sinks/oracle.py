@@ -49,7 +49,7 @@ import oracledb
 
 from tagwriter.bounded import run_bounded
 from tagwriter.config import DatabaseConfig, parse_url, redact_dsn
-from tagwriter.errors import ConfigError, FatalError, RowError, SinkError, TransientError
+from tagwriter.errors import ConfigError, FatalError, LoginRefusedError, RowError, SinkError, TransientError
 from tagwriter.models import TagValue
 from tagwriter.sinks.base import ColumnInfo, ColumnRule, TableInfo, TableSpec, WriteResult, table_differences
 
@@ -87,6 +87,9 @@ TRANSIENT_CODES = frozenset({
 
 #: Configuration errors: retrying cannot fix them (missing table, bad
 #: password, privileges, unknown TNS alias, missing client libraries).
+# The login itself refused: retrying counts against FAILED_LOGIN_ATTEMPTS (account lockout).
+LOGIN_REFUSED_CODES = frozenset({"ORA-01017", "ORA-28000", "ORA-28001", "ORA-01045"})
+
 FATAL_CODES = frozenset({
     "ORA-00904", "ORA-00913", "ORA-00942", "ORA-00947", "ORA-00955", "ORA-01005",
     "ORA-01017", "ORA-01031", "ORA-01045", "ORA-01502", "ORA-01950", "ORA-12154",
@@ -223,6 +226,8 @@ def classify(exc: BaseException, where: str, *, target: str = "the database", ta
     if not code:
         # not a driver error: a bug or a bad value; retrying will not help
         return FatalError(message, code=type(exc).__name__, hint=hint)
+    if code in LOGIN_REFUSED_CODES:
+        return LoginRefusedError(message, code=code, hint=hint)
     if is_fatal_code(code):
         return FatalError(message, code=code, hint=hint)
     return TransientError(message, code=code, hint=hint)
