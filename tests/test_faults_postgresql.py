@@ -37,7 +37,7 @@ from tagwriter.config import BackupConfig, Config, DatabaseConfig, WriterConfig
 from tagwriter.metrics import MetricsSnapshot
 from tagwriter.pipeline import Pipeline
 from tagwriter.replay import replay_files
-from tagwriter.sinks.postgresql import PostgresSink
+from tagwriter.sinks.postgresql import _COPY, CONFLICT_MODE_BATCHES, PostgresSink
 from tagwriter.spool import Spool
 
 CALL_TIMEOUT = 2.0
@@ -265,9 +265,12 @@ def test_reset_right_after_commit_is_sent(db: PgDatabase, proxy: FaultProxy, tmp
     feeder = Feeder(p, tags=100)
     try:
         feeder.submit_many(1)
-        assert p.flush(10) and p.snapshot().written == 100  # a session is open, in direct-COPY mode
-        # The batch's simple-protocol messages (BEGIN, COPY into the table, COMMIT): cut after the last byte.
-        messages = ["BEGIN", sink.inner._direct_copy, "COMMIT"]
+        assert p.flush(10) and p.snapshot().written == 100  # a session is open
+        # The transaction with an explicit COMMIT is the staging path's (a direct COPY commits by
+        # itself): put the sink in ON CONFLICT mode, as after a replay, and cut after the last
+        # byte of its simple-protocol messages (BEGIN, COPY into the stage, INSERT, COMMIT).
+        sink.inner._conflict_mode = CONFLICT_MODE_BATCHES
+        messages = ["BEGIN", _COPY, sink.inner._insert_upsert, "COMMIT"]
         proxy.reset_after(sum(len(m.encode()) + 1 for m in messages), only=b"Q")
         feeder.submit_many(1)
         assert p.flush(10)

