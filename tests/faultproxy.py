@@ -566,6 +566,7 @@ class Feeder:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(10)
-        assert not self._thread.is_alive()
+        if self._thread.ident is not None:  # started
+            self._thread.join(10)
+            assert not self._thread.is_alive()
 

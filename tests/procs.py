@@ -6,9 +6,12 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 SUMMARY = re.compile(r"submitted (\d+) = written (\d+) \+ duplicates (\d+) \+ spooled (\d+) \+ "
@@ -54,3 +57,12 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, inter
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+def start_run(cwd: Path, *args: str, env: dict[str, str], stdin: int | None = None) -> subprocess.Popen[str]:
+    """`tagwriter run ARGS` as a user starts it, in `cwd`, output captured as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tagwriter", "run", *args], cwd=cwd, env=env, stdin=stdin,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+

@@ -24,8 +24,6 @@ Every scenario adds a line to the results table (see test_faults_postgresql.py).
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -34,7 +32,7 @@ from pathlib import Path
 import pytest
 from faultproxy import FaultProxy, FaultRow, Feeder, TimedSink, Values, record
 from oracle_fake import FakeDriver, FakeServer, refused
-from procs import free_port, metric, run_env, summary, wait_until
+from procs import free_port, metric, run_env, start_run, summary, wait_until
 
 from tagwriter.config import BackupConfig, Config, DatabaseConfig, WriterConfig
 from tagwriter.metrics import MetricsSnapshot
@@ -164,11 +162,7 @@ def test_sigterm_during_an_outage(tmp_path: Path, proxy: FaultProxy, fault: str)
         "[source]\ngroups = 2\ntags_per_group = 10\ninterval = 0.1\n"
     )
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tagwriter", "run", "--metrics-port", str(port)], cwd=tmp_path,
-        env=run_env(TAGWRITER_DATABASE_PASSWORD=PASSWORD),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = start_run(tmp_path, "--metrics-port", str(port), env=run_env(TAGWRITER_DATABASE_PASSWORD=PASSWORD))
     try:
         wait_until(lambda: metric(port, "state") == "outage", 20, "outage mode")
         wait_until(lambda: (metric(port, "spooled") or 0) > 0 and (metric(port, "pending") or 0) > 0, 10,

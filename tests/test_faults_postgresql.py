@@ -20,10 +20,9 @@ Time: the 30 s black hole and the 60 s flapping run are marked `slow`
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import pytest
 from faultproxy import FaultProxy, FaultRow, Feeder, TimedSink, Values, record
 from pg_util import PgDatabase, fresh_database
-from procs import free_port, metric, run_env, summary, wait_until
+from procs import free_port, metric, run_env, start_run, summary, wait_until
 
 from tagwriter.config import BackupConfig, Config, DatabaseConfig, WriterConfig
 from tagwriter.metrics import MetricsSnapshot
@@ -142,6 +141,46 @@ def check_exactly_once(db: PgDatabase, values: Values, out: Outcome,
     assert out.written <= len(values) <= out.written + out.duplicates, (out.written, out.duplicates)
 
 
+@dataclass
+class Run:
+    """One pipeline of a scenario, its feeder, and the outcome its figures go to."""
+
+    p: Pipeline
+    sink: TimedSink
+    feeder: Feeder
+    out: Outcome
+    snapshot: MetricsSnapshot | None = None  # set once stopped
+
+
+@contextmanager
+def scenario_run(cfg: Config, out: Outcome | None = None, **feeder: int) -> Iterator[Run]:
+    """Start a pipeline and its feeder (not its thread); on leaving, stop both and add the figures to `out`."""
+    p, sink = start_pipeline(cfg)
+    run = Run(p, sink, Feeder(p, **feeder), out or Outcome())
+    try:
+        yield run
+    finally:
+        run.feeder.stop()
+        p.stop()
+        run.out.submit_max = max(run.out.submit_max, run.feeder.submit_max)
+    run.snapshot = run.out.add(p, sink)
+
+
+def recover(run: Run, proxy: FaultProxy, db: PgDatabase, timeout: float) -> None:
+    """The server is back: values go on for 0.5 s, then the feeder stops and the spool must drain."""
+    proxy.pass_through()
+    time.sleep(0.5)
+    run.feeder.stop()
+    assert run.p.flush(10)
+    wait_drained(run.p, db, len(run.feeder.values), timeout)
+
+
+def settle(run: Run, db: PgDatabase, cfg: Config, scenario: str) -> None:
+    """Replay what the drain left, then: every submitted value in the table exactly once (and recorded)."""
+    replay_leftovers(db, Path(cfg.backup.directory), run.out)
+    check_exactly_once(db, run.feeder.values, run.out, scenario)
+
+
 def replayed_at_least(p: Pipeline, n: int) -> bool:
     return int(p.snapshot().extra["replayed"]) >= n
 
@@ -173,11 +212,9 @@ def test_outage_from_the_start(db: PgDatabase, proxy: FaultProxy, tmp_path: Path
     """Refused from the first connect: everything spools; when the server is back the drain writes it."""
     proxy.refuse()
     cfg = config(tmp_path, proxy.port, db)
-    p, sink = start_pipeline(cfg)
-    out = Outcome()
-    feeder = Feeder(p)
-    try:
-        feeder.submit_many(60)  # 3,000 values
+    with scenario_run(cfg) as run:
+        p = run.p
+        run.feeder.submit_many(60)  # 3,000 values
         assert p.flush(10)
         s = p.snapshot()
         assert s.spooled == s.submitted == 3000 and s.written == 0
@@ -185,25 +222,19 @@ def test_outage_from_the_start(db: PgDatabase, proxy: FaultProxy, tmp_path: Path
         assert db.count() == 0
         proxy.pass_through()
         wait_drained(p, db, 3000, 30)
-        feeder.submit_many(20)  # live values after recovery
+        run.feeder.submit_many(20)  # live values after recovery
         assert p.flush(10)
-    finally:
-        p.stop()
-        out.submit_max = feeder.submit_max
-    s = out.add(p, sink)
-    assert s.extra["replayed"] == 3000
-    replay_leftovers(db, Path(cfg.backup.directory), out)
-    check_exactly_once(db, feeder.values, out, "outage from the start (refused)")
-    assert out.longest < CALL_TIMEOUT + SLACK
+    assert run.snapshot is not None and run.snapshot.extra["replayed"] == 3000
+    settle(run, db, cfg, "outage from the start (refused)")
+    assert run.out.longest < CALL_TIMEOUT + SLACK
 
 
 def test_outage_mid_run_longer_than_the_retry_schedule(db: PgDatabase, proxy: FaultProxy, tmp_path: Path) -> None:
     """Refused (established sessions reset) for 3 s while values keep coming; retries are 0.35 s in all."""
     cfg = config(tmp_path, proxy.port, db)
-    p, sink = start_pipeline(cfg)
-    out = Outcome()
-    feeder = Feeder(p).start()
-    try:
+    with scenario_run(cfg) as run:
+        p = run.p
+        run.feeder.start()
         wait_until(lambda: p.snapshot().written >= 1000, 15, "live writes")
         proxy.refuse()
         wait_until(lambda: p.writer.in_outage, 10, "outage mode")
@@ -212,28 +243,18 @@ def test_outage_mid_run_longer_than_the_retry_schedule(db: PgDatabase, proxy: Fa
         assert p.snapshot().spooled > spooled_at
         proxy.pass_through()
         wait_until(lambda: not p.writer.in_outage, 10, "recovery")
-        time.sleep(0.5)
-        feeder.stop()
-        assert p.flush(10)
-        wait_drained(p, db, len(feeder.values), 30)
-    finally:
-        feeder.stop()
-        p.stop()
-        out.submit_max = feeder.submit_max
-    s = out.add(p, sink)
-    assert s.spooled > 0 and s.retries >= len(cfg.writer.retry_delays) and s.outages >= 1
-    replay_leftovers(db, Path(cfg.backup.directory), out)
-    check_exactly_once(db, feeder.values, out, "outage mid-run 3 s (refused)")
-    assert out.longest < CALL_TIMEOUT + SLACK
+        recover(run, proxy, db, 30)
+    s = run.snapshot
+    assert s is not None and s.spooled > 0 and s.retries >= len(cfg.writer.retry_delays) and s.outages >= 1
+    settle(run, db, cfg, "outage mid-run 3 s (refused)")
+    assert run.out.longest < CALL_TIMEOUT + SLACK
 
 
 def test_reset_in_the_middle_of_a_copy(db: PgDatabase, proxy: FaultProxy, tmp_path: Path) -> None:
     """RST while COPY data flows, five times: one batch exhausts its retries and spools, the drain redoes it."""
     cfg = config(tmp_path, proxy.port, db, batch_size=500)
-    p, sink = start_pipeline(cfg)
-    out = Outcome()
-    feeder = Feeder(p, tags=100)
-    try:
+    with scenario_run(cfg, tags=100) as run:
+        p, feeder = run.p, run.feeder
         feeder.submit_many(5)
         assert p.flush(10) and p.snapshot().written == 500
         proxy.reset_after(6000, only=b"d", times=5)  # a 500-row batch is ~30 kB of CopyData
@@ -242,14 +263,10 @@ def test_reset_in_the_middle_of_a_copy(db: PgDatabase, proxy: FaultProxy, tmp_pa
         wait_until(lambda: proxy.resets_pending == 0, 20, "all five resets")
         assert proxy.stats.reset_mid_message == b"d"
         wait_drained(p, db, len(feeder.values), 30)
-    finally:
-        p.stop()
-        out.submit_max = feeder.submit_max
-    s = out.add(p, sink)
-    assert s.spooled >= 500 and s.retries >= 3, s
-    replay_leftovers(db, Path(cfg.backup.directory), out)
-    check_exactly_once(db, feeder.values, out, "reset mid-COPY x5")
-    assert out.longest < CALL_TIMEOUT + SLACK
+    s = run.snapshot
+    assert s is not None and s.spooled >= 500 and s.retries >= 3, s
+    settle(run, db, cfg, "reset mid-COPY x5")
+    assert run.out.longest < CALL_TIMEOUT + SLACK
 
 
 def test_reset_right_after_commit_is_sent(db: PgDatabase, proxy: FaultProxy, tmp_path: Path) -> None:
@@ -260,10 +277,8 @@ def test_reset_right_after_commit_is_sent(db: PgDatabase, proxy: FaultProxy, tmp
     and counts it as a duplicate; if not, it inserts them. Never twice.
     """
     cfg = config(tmp_path, proxy.port, db, batch_size=100)
-    p, sink = start_pipeline(cfg)
-    out = Outcome()
-    feeder = Feeder(p, tags=100)
-    try:
+    with scenario_run(cfg, tags=100) as run:
+        p, sink, feeder = run.p, run.sink, run.feeder
         feeder.submit_many(1)
         assert p.flush(10) and p.snapshot().written == 100  # a session is open
         # The transaction with an explicit COMMIT is the staging path's (a direct COPY commits by
@@ -277,24 +292,20 @@ def test_reset_right_after_commit_is_sent(db: PgDatabase, proxy: FaultProxy, tmp
         assert proxy.resets_pending == 0 and proxy.stats.reset_mid_message == b"Q"
         s = p.snapshot()
         assert s.retries >= 1 and s.spooled == 0, s
-    finally:
-        p.stop()
-        out.submit_max = feeder.submit_max
-    s = out.add(p, sink)
+    s = run.snapshot
+    assert s is not None
     committed_anyway = s.duplicates == 100
     assert s.duplicates in (0, 100) and s.written + s.duplicates == 200
-    out.notes.append("server had committed" if committed_anyway else "server had not committed")
-    check_exactly_once(db, feeder.values, out, "reset right after COMMIT was sent")
+    run.out.notes.append("server had committed" if committed_anyway else "server had not committed")
+    check_exactly_once(db, feeder.values, run.out, "reset right after COMMIT was sent")
 
 
 def black_hole(db: PgDatabase, proxy: FaultProxy, tmp_path: Path, seconds: float, call_timeout: float,
                scenario: str) -> None:
     cfg = config(tmp_path, proxy.port, db, call_timeout=call_timeout, retry=(0.05,))
-    p, sink = start_pipeline(cfg)
     bound = max(call_timeout, CONNECT_TIMEOUT) + SLACK
-    out = Outcome()
-    feeder = Feeder(p).start()
-    try:
+    with scenario_run(cfg) as run:
+        p, sink, feeder = run.p, run.sink, run.feeder.start()
         wait_until(lambda: p.snapshot().written >= 500, 15, "live writes")
         proxy.blackhole()
         began = time.monotonic()
@@ -306,21 +317,11 @@ def black_hole(db: PgDatabase, proxy: FaultProxy, tmp_path: Path, seconds: float
             time.sleep(0.2)
         assert p.snapshot().spooled > 0
         assert sink.longest < bound, (sink.longest_call, sink.longest)
-        proxy.pass_through()
-        time.sleep(0.5)
-        feeder.stop()
-        assert p.flush(10)
-        wait_drained(p, db, len(feeder.values), 60)
-    finally:
-        feeder.stop()
-        p.stop()
-        out.submit_max = feeder.submit_max
-    s = out.add(p, sink)
-    assert s.spooled > 0
-    replay_leftovers(db, Path(cfg.backup.directory), out)
-    check_exactly_once(db, feeder.values, out, scenario)
-    assert out.longest < bound
-    assert out.submit_max < 1.0  # a bound (nothing waits for the database), not a speed
+        recover(run, proxy, db, 60)
+    assert run.snapshot is not None and run.snapshot.spooled > 0
+    settle(run, db, cfg, scenario)
+    assert run.out.longest < bound
+    assert run.out.submit_max < 1.0  # a bound (nothing waits for the database), not a speed
 
 
 def test_black_hole_short(db: PgDatabase, proxy: FaultProxy, tmp_path: Path) -> None:
@@ -338,10 +339,9 @@ def test_black_hole_30_seconds(db: PgDatabase, proxy: FaultProxy, tmp_path: Path
 def test_flapping(db: PgDatabase, proxy: FaultProxy, tmp_path: Path) -> None:
     """Up one second, down (refused, sessions reset) the next, for a minute: 30 outages and recoveries."""
     cfg = config(tmp_path, proxy.port, db)
-    p, sink = start_pipeline(cfg)
-    out = Outcome()
-    feeder = Feeder(p).start()
-    try:
+    with scenario_run(cfg) as run:
+        p = run.p
+        run.feeder.start()
         wait_until(lambda: p.snapshot().written >= 200, 15, "live writes")
         began = time.monotonic()
         down = False
@@ -349,20 +349,11 @@ def test_flapping(db: PgDatabase, proxy: FaultProxy, tmp_path: Path) -> None:
             down = not down
             proxy.refuse() if down else proxy.pass_through()
             time.sleep(1.0)
-        proxy.pass_through()
-        time.sleep(0.5)
-        feeder.stop()
-        assert p.flush(10)
-        wait_drained(p, db, len(feeder.values), 60)
-    finally:
-        feeder.stop()
-        p.stop()
-        out.submit_max = feeder.submit_max
-    s = out.add(p, sink)
-    assert s.outages >= 2 and s.spooled > 0, s
-    replay_leftovers(db, Path(cfg.backup.directory), out)
-    check_exactly_once(db, feeder.values, out, f"flapping 1 s up / 1 s down, {FLAP_SECONDS:g} s")
-    assert out.longest < CALL_TIMEOUT + SLACK
+        recover(run, proxy, db, 60)
+    s = run.snapshot
+    assert s is not None and s.outages >= 2 and s.spooled > 0, s
+    settle(run, db, cfg, f"flapping 1 s up / 1 s down, {FLAP_SECONDS:g} s")
+    assert run.out.longest < CALL_TIMEOUT + SLACK
 
 
 def test_restart_during_the_spool_drain(db: PgDatabase, proxy: FaultProxy, tmp_path: Path) -> None:
@@ -424,10 +415,7 @@ def test_sigterm_during_an_outage_spools_everything_in_time(
         "[source]\ngroups = 2\ntags_per_group = 10\ninterval = 0.1\n"
     )
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tagwriter", "run", "--metrics-port", str(port)], cwd=tmp_path,
-        env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = start_run(tmp_path, "--metrics-port", str(port), env=run_env())
     try:
         wait_until(lambda: db.count() >= 100, 30, "rows written through the proxy")
         if fault == "refuse":

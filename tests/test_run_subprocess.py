@@ -6,21 +6,13 @@ import json
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from procs import free_port, metric, run_env, summary, wait_until
+from procs import free_port, metric, run_env, start_run, summary, wait_until
 
 #: A small simulation so the tests do not take the CPU others need: 2 groups x 10 tags every 0.1 s.
 SMALL = {"TAGWRITER_SOURCE_GROUPS": "2", "TAGWRITER_SOURCE_TAGS_PER_GROUP": "10", "TAGWRITER_SOURCE_INTERVAL": "0.1"}
-
-
-def start(tmp_path: Path, *args: str, environ: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tagwriter", "run", *args], cwd=tmp_path, env=environ,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
 
 
 def rows(db: Path) -> int:
@@ -34,7 +26,7 @@ def rows(db: Path) -> int:
 
 
 def test_run_duration_3_writes_rows_to_sqlite(tmp_path: Path) -> None:
-    proc = start(tmp_path, "--duration", "3", environ=run_env())
+    proc = start_run(tmp_path, "--duration", "3", env=run_env())
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     counts = summary(out)
@@ -48,7 +40,7 @@ def test_run_duration_3_writes_rows_to_sqlite(tmp_path: Path) -> None:
 
 
 def test_sigterm_stops_gracefully_with_summary_and_exit_0(tmp_path: Path) -> None:
-    proc = start(tmp_path, environ=run_env(**SMALL, TAGWRITER_WRITER_FLUSH_INTERVAL="0.1"))
+    proc = start_run(tmp_path, env=run_env(**SMALL, TAGWRITER_WRITER_FLUSH_INTERVAL="0.1"))
     try:
         wait_until(lambda: rows(tmp_path / "tagwriter.db") >= 40, 30, "rows in tagwriter.db")
         proc.send_signal(signal.SIGTERM)
@@ -66,10 +58,7 @@ def test_sigterm_stops_gracefully_with_summary_and_exit_0(tmp_path: Path) -> Non
 def test_stdin_source_through_a_pipe(tmp_path: Path) -> None:
     lines = [json.dumps({"tag": f"t{i % 7}", "ts": 1_700_000_000 + i, "value": i}) for i in range(5000)]
     lines[99] = "not json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tagwriter", "run", "--source", "jsonl", "--input", "-"], cwd=tmp_path,
-        env=run_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    proc = start_run(tmp_path, "--source", "jsonl", "--input", "-", env=run_env(), stdin=subprocess.PIPE)
     out, err = proc.communicate("\n".join(lines) + "\n", timeout=60)
     assert proc.returncode == 0, err
     assert summary(out)["written"] == 4999 == rows(tmp_path / "tagwriter.db")
@@ -88,7 +77,7 @@ def test_second_sigint_spools_what_is_pending_at_once(tmp_path: Path) -> None:
     port = free_port()
     environ = run_env(**SMALL, TAGWRITER_DATABASE_CALL_TIMEOUT="120", TAGWRITER_WRITER_SHUTDOWN_TIMEOUT="60",
                   TAGWRITER_WRITER_FLUSH_INTERVAL="0.1")
-    proc = start(tmp_path, "--metrics-port", str(port), environ=environ)
+    proc = start_run(tmp_path, "--metrics-port", str(port), env=environ)
     try:
         wait_until(lambda: (metric(port, "inflight") or 0) > 0, 30, "a batch in flight on the locked database")
         proc.send_signal(signal.SIGINT)

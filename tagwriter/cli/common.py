@@ -155,6 +155,14 @@ DatabaseOption = Annotated[
 ]
 """The `--database URL` option of the commands that talk to the configured database."""
 
+BatchSizeOption = Annotated[
+    int | None, typer.Option("--batch-size", help="Values per database transaction (writer.batch_size).")
+]
+FlushIntervalOption = Annotated[
+    float | None,
+    typer.Option("--flush-interval", help="Seconds a value may wait for its batch (writer.flush_interval)."),
+]
+
 
 def database_option(url: str | None) -> str | None:
     """Check a `--database URL` option: parsable, and no password (argv is readable by any user)."""

@@ -11,7 +11,15 @@ import typer
 from rich.console import Console
 
 from tagwriter import loadtest
-from tagwriter.cli.common import boundary, database_option, load_config, setup_logging, write_json_report
+from tagwriter.cli.common import (
+    BatchSizeOption,
+    FlushIntervalOption,
+    boundary,
+    database_option,
+    load_config,
+    setup_logging,
+    write_json_report,
+)
 from tagwriter.config import Config
 from tagwriter.loadtest import LoadShape, Thresholds
 
@@ -47,13 +55,8 @@ def load_test(
     start_rate: Annotated[
         float, typer.Option("--start-rate", min=1, help="--rate max: the first rate tried (values/s).")
     ] = 1000.0,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Values per database transaction (writer.batch_size).")
-    ] = None,
-    flush_interval: Annotated[
-        float | None,
-        typer.Option("--flush-interval", help="Seconds a value may wait for its batch (writer.flush_interval)."),
-    ] = None,
+    batch_size: BatchSizeOption = None,
+    flush_interval: FlushIntervalOption = None,
     capacity: Annotated[
         int | None, typer.Option("--capacity", help="Buffer capacity in values (buffer.capacity).")
     ] = None,

@@ -24,7 +24,16 @@ import typer
 from rich.console import Console, RenderableType
 from rich.live import Live
 
-from tagwriter.cli.common import boundary, database_option, fail, load_config, setup_logging
+from tagwriter.cli.common import (
+    BatchSizeOption,
+    DatabaseOption,
+    FlushIntervalOption,
+    boundary,
+    database_option,
+    fail,
+    load_config,
+    setup_logging,
+)
 from tagwriter.config import Config
 from tagwriter.errors import PipelineStopped
 from tagwriter.logs import configure_logging
@@ -67,20 +76,10 @@ def run(
         typer.Option("--input", "-i", metavar="PATH",
                      help="jsonl/csv input file, '-' for standard input (overrides source.path)."),
     ] = None,
-    database: Annotated[
-        str | None,
-        typer.Option("--database", metavar="URL",
-                     help="sqlite:///PATH, oracle://USER@HOST:PORT/SERVICE or postgresql://USER@HOST:PORT/DB "
-                          "(overrides database.url; no password: use TAGWRITER_DATABASE_PASSWORD)."),
-    ] = None,
+    database: DatabaseOption = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed of the simulated source.")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Values per database transaction (writer.batch_size).")
-    ] = None,
-    flush_interval: Annotated[
-        float | None,
-        typer.Option("--flush-interval", help="Seconds a value may wait for its batch (writer.flush_interval)."),
-    ] = None,
+    batch_size: BatchSizeOption = None,
+    flush_interval: FlushIntervalOption = None,
     no_panel: Annotated[
         bool, typer.Option("--no-panel", help="No live panel: one status log line every metrics.log_interval seconds.")
     ] = False,

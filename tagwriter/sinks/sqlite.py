@@ -16,6 +16,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tagwriter.config import DatabaseConfig, parse_url
 from tagwriter.errors import ConfigError, FatalError, RowError, SinkError, TransientError
@@ -187,17 +188,7 @@ class SqliteSink:
     def probe(self) -> None:
         """Take the write lock (BEGIN IMMEDIATE) and roll back: a file another process holds
         write-locked is not reachable. Waits at most the busy timeout."""
-        conn = self.connect()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute(f'SELECT 1 FROM "{self.spec.table}" LIMIT 0')
-            finally:
-                conn.execute("ROLLBACK")
-        except sqlite3.Error as exc:
-            raise classify(exc, f"probe {self.path}") from None
-        finally:
-            conn.close()
+        self._query_once(f'SELECT 1 FROM "{self.spec.table}" LIMIT 0', f"probe {self.path}", begin="BEGIN IMMEDIATE")
 
     def close(self) -> None:
         self._reset()
@@ -274,26 +265,24 @@ class SqliteSink:
 
     def try_insert(self) -> None:
         """Insert a probe row inside a transaction and roll it back."""
-        conn = self.connect()
-        try:
-            conn.execute("BEGIN")
-            try:
-                conn.execute(self._insert, ("__tagwriter_probe__", format_ts(0), 0.0, 0))
-            finally:
-                conn.execute("ROLLBACK")
-        except sqlite3.Error as exc:
-            raise classify(exc, f"insert into {self.spec.table}") from None
-        finally:
-            conn.close()
+        self._query_once(self._insert, f"insert into {self.spec.table}", begin="BEGIN",
+                         params=("__tagwriter_probe__", format_ts(0), 0.0, 0))
 
     def ping(self) -> None:
         """One query on a connection of its own (thread-safe, like probe)."""
         self._query_once("SELECT 1", f"ping {self.path}")
 
-    def _query_once(self, sql: str, action: str) -> None:
+    def _query_once(self, sql: str, action: str, *, begin: str = "", params: tuple[Any, ...] = ()) -> None:
+        """`sql` on a connection of its own (thread-safe); inside `begin` ... ROLLBACK when given."""
         conn = self.connect()
         try:
-            conn.execute(sql).fetchone()
+            if begin:
+                conn.execute(begin)
+            try:
+                conn.execute(sql, params).fetchone()
+            finally:
+                if begin:
+                    conn.execute("ROLLBACK")
         except sqlite3.Error as exc:
             raise classify(exc, action) from None
         finally:
