@@ -10,8 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_endpoint import make_config, polls, wait_until
+from test_endpoint import make_config, polls
 from typer.testing import CliRunner, Result
+from waits import wait_until
 
 from tagwriter.cli import status as status_mod
 from tagwriter.cli.app import app
@@ -37,7 +38,7 @@ def live(tmp_path: Path) -> Iterator[tuple[Pipeline, MetricsServer, MemorySink]]
         for data in polls(12):
             pipeline.submit(data)
         assert pipeline.flush(5.0)
-        wait_until(lambda: pipeline.snapshot().state == "writing")
+        wait_until(lambda: pipeline.snapshot().state == "writing", "the writer to open the sink", 5)
         yield pipeline, server, sink
     finally:
         server.stop(1.0)
@@ -68,7 +69,7 @@ def test_status_exits_1_when_unhealthy(live: tuple[Pipeline, MetricsServer, Memo
     pipeline, server, sink = live
     sink.go_down()
     pipeline.submit(next(polls(1, start=100)))
-    wait_until(lambda: pipeline.snapshot().state == "outage")
+    wait_until(lambda: pipeline.snapshot().state == "outage", "outage mode", 5)
     result = invoke(["status", "--url", server.url], tmp_path)
     assert result.exit_code == 1
     assert "outage" in result.stdout  # the panel is still shown

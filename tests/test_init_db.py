@@ -9,7 +9,7 @@ import pytest
 from oracle_fake import FakeDriver, FakeServer, ora
 from typer.testing import CliRunner
 
-import tagwriter.sinks.oracle as oracle_mod
+import tagwriter.sinks.oracle.sink as oracle_mod
 from tagwriter.cli.app import app
 
 
@@ -23,7 +23,7 @@ def invoke(args: list[str], env: dict[str, str], tmp_path: Path) -> tuple[int, s
 
 @pytest.fixture
 def sqlite_env(tmp_path: Path) -> dict[str, str]:
-    return {"TAGWRITER_DATABASE_URL": f"sqlite:///{tmp_path / 'db' / 'tags.db'}"}
+    return {"TAGWRITER_DATABASE__URL": f"sqlite:///{tmp_path / 'db' / 'tags.db'}"}
 
 
 def test_print_shows_the_ddl_and_touches_nothing(sqlite_env: dict[str, str], tmp_path: Path) -> None:
@@ -69,7 +69,7 @@ def test_partitioning_is_an_oracle_option(sqlite_env: dict[str, str], tmp_path: 
     assert code == 1 and "Oracle option" in out
 
 
-ORACLE_ENV = {"TAGWRITER_DATABASE_URL": "oracle://scott@127.0.0.1:1521/orclpdb",
+ORACLE_ENV = {"TAGWRITER_DATABASE__URL": "oracle://scott@127.0.0.1:1521/orclpdb",
               "TAGWRITER_DATABASE_PASSWORD": "tiger-secret-pw"}
 
 

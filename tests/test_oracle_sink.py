@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from oracle_fake import FakeDriver, FakeServer, dpy, lost, ora, refused
+from waits import wait_until
 
 from tagwriter import config as config_mod
 from tagwriter.config import BackupConfig, Config, DatabaseConfig, WriterConfig
@@ -45,15 +46,6 @@ def make_sink(server: FakeServer | None = None, **kw: Any) -> tuple[OracleSink, 
 
 def rows(n: int, start: int = T0, tag: str = "line1.temp") -> list[TagValue]:
     return [TagValue(f"{tag}{i}", start + i, float(i) + 0.5, 192) for i in range(n)]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 # -- writing -------------------------------------------------------------------------
@@ -183,7 +175,7 @@ def test_transient_error_drops_the_connection_and_the_next_write_reconnects() ->
     server.fail_next("executemany", lost())
     with pytest.raises(TransientError):
         sink.write_batch(rows(2, start=T0 + 10))
-    assert server.connections[0].closed or wait_for(lambda: server.connections[0].closed, 2.0)
+    wait_until(lambda: server.connections[0].closed, "the broken connection to be closed", 2.0)
     assert sink.write_batch(rows(2, start=T0 + 10)).written == 2
     assert server.connects == 2
 
@@ -242,7 +234,7 @@ def test_hanging_connects_are_bounded_and_capped_at_pool_max() -> None:
     finally:
         server.release_connects()
     # the connects that answered late joined the pool: no new connect needed
-    assert wait_for(lambda: sink._get_pool().opened == 2, 5.0)
+    wait_until(lambda: sink._get_pool().opened == 2, "the late connects to join the pool", 5.0)
     assert sink.write_batch(rows(1)).written == 1
     assert server.connects == 2
     sink.close()
@@ -269,7 +261,7 @@ def test_probe_uses_its_own_connection_while_the_writer_holds_one() -> None:
 def test_open_checks_the_table_and_warms_pool_min() -> None:
     sink, _, _ = make_sink(pool_min=2)
     sink.open()
-    assert wait_for(lambda: sink._get_pool().opened == 2, 5.0)
+    wait_until(lambda: sink._get_pool().opened == 2, "the pool to warm to pool_min", 5.0)
     missing, _, _ = make_sink(FakeServer(exists=False))
     with pytest.raises(FatalError) as info:
         missing.open()
@@ -288,7 +280,8 @@ def test_close_is_bounded_even_with_parked_connects() -> None:
     finally:
         server.release_connects()
     # a connect that answers after close is closed, not leaked
-    assert wait_for(lambda: all(c.closed for c in server.connections) and len(server.connections) == 1, 5.0)
+    wait_until(lambda: all(c.closed for c in server.connections) and len(server.connections) == 1,
+               "the late connect to be closed", 5.0)
 
 
 # -- retry then outage through the real pipeline ---------------------------------------
@@ -307,15 +300,15 @@ def test_retry_then_outage_spools_and_recovers(tmp_path: Path) -> None:
     sink, server, _ = make_sink()
     pipeline = Pipeline(pipeline_config(tmp_path), sink=sink).start()
     try:
-        assert wait_for(lambda: pipeline.snapshot().state == "writing")
+        wait_until(lambda: pipeline.snapshot().state == "writing", "the writer to open the sink", 10)
         server.go_down(refused)  # open connections lose their session, new connects are refused
         pipeline.submit(PollingData("g", T0 / 1e6, {f"t{i}": float(i) for i in range(10)}))
-        assert wait_for(lambda: pipeline.snapshot().spooled == 10)
+        wait_until(lambda: pipeline.snapshot().spooled == 10, "the batch to spool", 10)
         snap = pipeline.snapshot()
         assert snap.retries == 2 and snap.outages == 1 and snap.written == 0
         assert "DPY-4011" in snap.last_error or "DPY-6005" in snap.last_error
         server.come_up()
-        assert wait_for(lambda: pipeline.snapshot().state == "writing")
+        wait_until(lambda: pipeline.snapshot().state == "writing", "recovery", 10)
         pipeline.submit(PollingData("g", T0 / 1e6 + 1, {f"t{i}": float(i) for i in range(10)}))
         assert pipeline.flush(5.0)
     finally:
@@ -341,11 +334,11 @@ def test_fatal_error_stops_retrying_and_spools(tmp_path: Path) -> None:
     sink, _, _ = make_sink(FakeServer(exists=False))
     with Pipeline(pipeline_config(tmp_path), sink=sink) as pipeline:
         pipeline.submit(rows(5))
-        assert wait_for(lambda: pipeline.snapshot().spooled == 5)
+        wait_until(lambda: pipeline.snapshot().spooled == 5, "the batch to spool", 10)
         snap = pipeline.snapshot()
         assert snap.state == "failed" and snap.retries == 0
-        assert pipeline.writer.fatal_error is not None
-        assert "init-db" in pipeline.writer.fatal_error.hint
+        assert pipeline.fatal_error is not None
+        assert "init-db" in pipeline.fatal_error.hint
 
 
 # -- direct path -------------------------------------------------------------------------
@@ -398,7 +391,7 @@ def test_thin_connect_params_include_wallet_and_tcp_timeout() -> None:
 
 
 def test_from_config_url_user_dsn_and_password_from_env() -> None:
-    cfg = config_mod.load(None, env={"TAGWRITER_DATABASE_URL": "oracle://scott@db.example.com:1522/orclpdb",
+    cfg = config_mod.load(None, env={"TAGWRITER_DATABASE__URL": "oracle://scott@db.example.com:1522/orclpdb",
                                      "TAGWRITER_DATABASE_PASSWORD": PASSWORD})
     sink = OracleSink.from_config(cfg.database, driver=FakeDriver())
     assert (sink.user, sink.dsn, sink._password) == ("scott", "db.example.com:1522/orclpdb", PASSWORD)

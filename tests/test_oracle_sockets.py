@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+from waits import wait_until
 
 from tagwriter.cli.app import app
 from tagwriter.config import BackupConfig, Config, DatabaseConfig, WriterConfig
@@ -179,10 +180,7 @@ def test_a_silent_listener_does_not_wedge_the_pool() -> None:
     assert isinstance(error, SinkError) and error.code == "DPY-4005"
     lst.close()
     pool = sink._get_pool()
-    deadline = time.monotonic() + 5.0
-    while pool.pending and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert pool.pending == 0
+    wait_until(lambda: pool.pending == 0, "the parked connects to end", 5.0)
     error, took = timed(sink.probe)
     assert isinstance(error, TransientError) and error.code == "DPY-6005", error
     assert "no listener" in error.hint and took < CONNECT + SLACK
@@ -190,7 +188,7 @@ def test_a_silent_listener_does_not_wedge_the_pool() -> None:
 
 
 def run_cli(args: list[str], port: int, tmp_path: Path) -> tuple[int, str, float]:
-    env = {"TAGWRITER_DATABASE_URL": f"oracle://scott@127.0.0.1:{port}/orclpdb",
+    env = {"TAGWRITER_DATABASE__URL": f"oracle://scott@127.0.0.1:{port}/orclpdb",
            "TAGWRITER_DATABASE_PASSWORD": PASSWORD, "TAGWRITER_CONFIG": str(tmp_path / "none.toml"),
            "COLUMNS": "160"}
     (tmp_path / "none.toml").write_text("")

@@ -15,9 +15,10 @@ from oracle_fake import FakeDriver, FakeServer, dpy, ora
 from rich.console import Console
 from typer.testing import CliRunner
 
-import tagwriter.sinks.oracle as oracle_mod
+import tagwriter.sinks.oracle.sink as oracle_mod
+from tagwriter.checks import run_checks
 from tagwriter.cli.app import app
-from tagwriter.cli.test_connection import render, run_checks
+from tagwriter.cli.test_connection import render
 from tagwriter.config import DatabaseConfig
 from tagwriter.sinks.base import TableSpec
 from tagwriter.sinks.sqlite import SqliteSink
@@ -36,7 +37,7 @@ def invoke(args: list[str], env: dict[str, str], tmp_path: Path) -> tuple[int, s
 
 @pytest.fixture
 def sqlite_env(tmp_path: Path) -> dict[str, str]:
-    return {"TAGWRITER_DATABASE_URL": f"sqlite:///{tmp_path / 'tags.db'}"}
+    return {"TAGWRITER_DATABASE__URL": f"sqlite:///{tmp_path / 'tags.db'}"}
 
 
 def test_sqlite_all_checks_pass(sqlite_env: dict[str, str], tmp_path: Path) -> None:
@@ -109,9 +110,9 @@ def server(monkeypatch: pytest.MonkeyPatch) -> FakeServer:
 
 
 def oracle_env(port: int, **extra: str) -> dict[str, str]:
-    return {"TAGWRITER_DATABASE_URL": f"oracle://scott@127.0.0.1:{port}/orclpdb",
+    return {"TAGWRITER_DATABASE__URL": f"oracle://scott@127.0.0.1:{port}/orclpdb",
             "TAGWRITER_DATABASE_PASSWORD": "tiger-secret-pw",
-            "TAGWRITER_DATABASE_CONNECT_TIMEOUT": "0.5", "TAGWRITER_DATABASE_POOL_WAIT_TIMEOUT": "0.5", **extra}
+            "TAGWRITER_DATABASE__CONNECT_TIMEOUT": "0.5", "TAGWRITER_DATABASE__POOL_WAIT_TIMEOUT": "0.5", **extra}
 
 
 def test_oracle_all_checks_pass(server: FakeServer, port: int, tmp_path: Path) -> None:
@@ -173,7 +174,7 @@ def test_oracle_insert_privilege_check(server: FakeServer, port: int, tmp_path: 
 def test_the_timeout_bounds_a_hanging_login_and_skips_the_rest(server: FakeServer, port: int, tmp_path: Path) -> None:
     server.hang_connects()
     try:
-        env = oracle_env(port, TAGWRITER_DATABASE_CONNECT_TIMEOUT="30")
+        env = oracle_env(port, TAGWRITER_DATABASE__CONNECT_TIMEOUT="30")
         code, out, took = invoke(["test-connection", "--timeout", "1", "--json"], env, tmp_path)
     finally:
         server.release_connects()

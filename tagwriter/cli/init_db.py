@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from tagwriter.bounded import run_bounded
+from tagwriter.bounded import close_bounded, run_bounded
+from tagwriter.checks import verify_table
 from tagwriter.cli.common import DatabaseOption, boundary, database_option, fail, load_config
 from tagwriter.errors import FatalError
 from tagwriter.sinks import create_sink
@@ -56,9 +56,7 @@ def init_db(
                               hint="host reachable? a lock on the table, or an overloaded database? "
                                    "raise --timeout if it is just slow")
     finally:
-        closer = threading.Thread(target=sink.close, name="tagwriter-close", daemon=True)
-        closer.start()
-        closer.join(2.0)
+        close_bounded(sink.close)
     console.print(message)
 
 
@@ -73,10 +71,7 @@ def _init(sink: AdminSink, read_index: bool, partition_by_day: bool) -> str:
             raise FatalError(f"created the table but cannot see it: {target}")
         key = ", ".join(created.key) or "none"
         return f"created {target} (unique key: {key})"
-    diffs = sink.table_differences(info)
-    if diffs:
-        raise FatalError(f"{target} exists with a different shape: " + "; ".join(diffs),
-                         hint="fix or rename the existing table, or set database.table to a new name")
+    verify_table(sink, info, name=target)
     notes = []
     if read_index:
         sink.create_table(read_index=True)  # idempotent: adds only the index

@@ -13,7 +13,7 @@ from rich.text import Text
 from tagwriter.cli.common import boundary, fail, load_config
 
 if TYPE_CHECKING:
-    from tagwriter.endpoint import EndpointUnreachable, RemoteStatus
+    from tagwriter.cli.status_client import EndpointUnreachable, RemoteStatus
 
 
 @boundary
@@ -43,7 +43,7 @@ def status(
     Example: tagwriter status --url http://127.0.0.1:9108 --watch
     """
     # Imported here: prometheus_client costs ~60 ms, which other commands should not pay.
-    from tagwriter.endpoint import EndpointUnreachable, fetch_status, normalize_url
+    from tagwriter.cli.status_client import EndpointUnreachable, fetch_status, normalize_url
 
     target = normalize_url(url) if url else _configured_url(ctx)
     first = fetch_status(target, timeout)  # unreachable: one line on stderr, exit 1 (boundary)
@@ -84,7 +84,7 @@ def _watch(
     console: Console, first: RemoteStatus, target: str, interval: float, timeout: float
 ) -> RemoteStatus | EndpointUnreachable:
     """Refresh in place until Ctrl-C; the last result (a failed read is shown and retried)."""
-    from tagwriter.endpoint import EndpointUnreachable, fetch_status
+    from tagwriter.cli.status_client import EndpointUnreachable, fetch_status
 
     last: RemoteStatus | EndpointUnreachable = first
     with Live(_view(first, with_health=True), console=console, auto_refresh=False, transient=False) as live:

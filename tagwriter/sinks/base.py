@@ -143,6 +143,8 @@ class AdminSink(Sink, Protocol):
     bounded by the configured timeouts.
     """
 
+    spec: TableSpec  # the table's name and column names
+
     def reach(self) -> str:
         """Reach the server (TCP connect for a network database, the file's folder
         for SQLite) without logging in; returns what was reached."""

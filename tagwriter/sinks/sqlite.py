@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tagwriter.checks import verify_table
 from tagwriter.config import DatabaseConfig, parse_url
 from tagwriter.errors import ConfigError, FatalError, RowError, SinkError, TransientError
 from tagwriter.models import TagValue, format_ts
@@ -124,6 +125,11 @@ class SqliteSink:
         return None
 
     def open(self) -> None:
+        """Connect, create the table if it is missing (`create`), and check its shape.
+
+        Raises FatalError for a table without the (tag, ts) key or with other
+        columns (`checks.verify_table`, as init-db and test-connection say).
+        """
         if self._conn is not None:
             return
         conn = self.connect()
@@ -131,10 +137,13 @@ class SqliteSink:
             if self.create:
                 for stmt in self.ddl():
                     conn.execute(stmt)
-            conn.execute(f'SELECT 1 FROM "{self.spec.table}" LIMIT 0')
+            verify_table(self, self._table_info(conn), where=f"open {self.path}")
         except sqlite3.Error as exc:
             conn.close()
             raise classify(exc, f"open {self.path}") from None
+        except SinkError:
+            conn.close()
+            raise
         self._conn = conn
 
     def write_batch(self, rows: Sequence[TagValue]) -> WriteResult:
@@ -231,25 +240,29 @@ class SqliteSink:
         """Columns from PRAGMA table_info; the key is the primary key, else a unique index on (tag, ts)."""
         conn = self.connect()
         try:
-            t = self.spec.table
-            cols = conn.execute(f'PRAGMA table_info("{t}")').fetchall()
-            if not cols:
-                return None
-            columns = [ColumnInfo(name, (ctype or "").upper(), not notnull and not pk)
-                       for _cid, name, ctype, notnull, _dflt, pk in cols]
-            key = [name for _cid, name, _t, _nn, _d, pk in sorted(cols, key=lambda c: c[5]) if pk]
-            if not key:
-                wanted = {self.spec.tag.lower(), self.spec.ts.lower()}
-                for _seq, index, unique, *_ in conn.execute(f'PRAGMA index_list("{t}")').fetchall():
-                    names = [r[2] for r in conn.execute(f'PRAGMA index_info("{index}")').fetchall()]
-                    if unique and {n.lower() for n in names} == wanted:
-                        key = names
-                        break
-            return TableInfo(columns, key)
+            return self._table_info(conn)
         except sqlite3.Error as exc:
             raise classify(exc, f"inspect {self.spec.table}") from None
         finally:
             conn.close()
+
+    def _table_info(self, conn: sqlite3.Connection) -> TableInfo | None:
+        """The table as `conn` sees it (None: it does not exist). Raises sqlite3.Error."""
+        t = self.spec.table
+        cols = conn.execute(f'PRAGMA table_info("{t}")').fetchall()
+        if not cols:
+            return None
+        columns = [ColumnInfo(name, (ctype or "").upper(), not notnull and not pk)
+                   for _cid, name, ctype, notnull, _dflt, pk in cols]
+        key = [name for _cid, name, _t, _nn, _d, pk in sorted(cols, key=lambda c: c[5]) if pk]
+        if not key:
+            wanted = {self.spec.tag.lower(), self.spec.ts.lower()}
+            for _seq, index, unique, *_ in conn.execute(f'PRAGMA index_list("{t}")').fetchall():
+                names = [r[2] for r in conn.execute(f'PRAGMA index_info("{index}")').fetchall()]
+                if unique and {n.lower() for n in names} == wanted:
+                    key = names
+                    break
+        return TableInfo(columns, key)
 
     def table_differences(self, info: TableInfo) -> list[str]:
         """Differences from DESIGN.md's SQLite table, compared by type affinity ([] = matches)."""

@@ -1,65 +1,30 @@
-"""PostgreSQL through psycopg 3: binary COPY into a staging table, then one INSERT ... SELECT.
-
-A batch is one transaction: binary `COPY` into a session-local temporary table
-(`ON COMMIT DELETE ROWS`), then `INSERT INTO t SELECT ... FROM stage`, commit.
-While no duplicates are seen, a batch is COPied straight into the table
-instead (no staging table, no INSERT: about 1.3x faster again); that needs the
-table's own column types for the binary format, read at open(). A unique
-violation rolls back and the batch is redone through the staging table with
-`ON CONFLICT (tag, ts) DO NOTHING`, which then stays on for a while (replays
-bring many duplicates); any other error of the direct COPY (a data error, a
-quality outside a smallint column: checked before sending, since binary COPY
-would wrap it) sends the batch the staging way, which isolates bad rows. Either way duplicates are
-`rows - rowcount`, and open() refuses a table without a unique key on
-(tag, ts), so the plain INSERT can never store a duplicate.
-
-A row the database rejects (class 22 data errors, class 23 constraint
-violations) is isolated by bisection under savepoints and reported as a
-`RowError`; the rest of the batch commits.
-
-The key is PRIMARY KEY (tag_name, ts) (DESIGN.md): one tag over a time range is
-an index range scan. `ts` is timestamptz, sent in COPY as its binary form (int8
-microseconds since 2000-01-01 UTC) straight from `TagValue.ts_us`: exact to the
-microsecond and no `datetime` built per row.
-
-Nothing hangs: libpq's connect_timeout bounds connecting (libpq's minimum is 2 s);
-every session sets statement_timeout (90% of call_timeout) and
-idle_in_transaction_session_timeout;
-TCP keepalives and tcp_user_timeout cover dead peers; and a watchdog thread
-shuts the socket down when a call overruns `call_timeout`, because a server
-that accepted the connection and stopped answering never enforces its own
-statement_timeout.
-"""
+"""`PostgresSink`: the tagwriter table in PostgreSQL through psycopg 3 (see the package docstring)."""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import os
 import socket
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 
+from tagwriter.checks import verify_table
 from tagwriter.config import DatabaseConfig, parse_url
-from tagwriter.errors import ConfigError, FatalError, RowError, SinkError, TransientError
+from tagwriter.errors import ConfigError, RowError, SinkError, TransientError
 from tagwriter.models import TagValue
+from tagwriter.redact import register
 from tagwriter.sinks.base import ColumnInfo, ColumnRule, TableInfo, TableSpec, WriteResult, table_differences
+from tagwriter.sinks.postgresql.errors import classify, error_text, is_row_error
+from tagwriter.sinks.postgresql.rows import INT8_END, stage_rows
+from tagwriter.sinks.postgresql.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
-#: 2000-01-01T00:00:00Z (PostgreSQL's timestamp epoch) in Unix-epoch microseconds.
-PG_EPOCH_US = 946_684_800_000_000
-#: timestamptz range (4713 BC .. 294276 AD) in Unix-epoch microseconds; end exclusive.
-TS_MIN_US = -211_813_488_000_000_000 + PG_EPOCH_US
-TS_END_US = 9_223_371_331_200_000_000 + PG_EPOCH_US
-_INT8_END = 2**63  # int8 holds -_INT8_END .. _INT8_END - 1
 MAX_IDENTIFIER = 63  # PostgreSQL truncates longer names (NAMEDATALEN - 1)
 LIBPQ_MIN_CONNECT_TIMEOUT = 2  # libpq (and psycopg) raise anything lower to 2 s
 
@@ -84,155 +49,10 @@ STATEMENT_SHARE = 0.9  # statement_timeout as a share of call_timeout
 # trying the plain INSERT again.
 CONFLICT_MODE_BATCHES = 50
 
-ROW_ERROR_CLASSES = ("22", "23")
-_TRANSIENT_CODES = frozenset({"57P01", "57P02", "57P03", "57P05", "57014", "55P03", "55006"})
-_TRANSIENT_CLASSES = ("08", "40", "53", "58", "HV")
-_FATAL_HINTS = {
-    "42P01": "run tagwriter init-db to create the table, or fix database.table",
-    "42703": "the table lacks a configured column: fix database.*_column or run tagwriter init-db",
-    "42P10": "the table needs PRIMARY KEY (tag_name, ts): see tagwriter init-db",
-    "42501": "grant SELECT, INSERT on the table (and CONNECT, TEMPORARY on the database) to the user",
-    "28P01": "check the password (TAGWRITER_DATABASE_PASSWORD)",
-    "28000": "check database.user and the server's pg_hba.conf",
-    "3D000": "create the database, or fix the database name in database.url",
-    "3F000": "create the schema, or fix the search_path",
-    "25006": "the server is read-only (a standby?): point database.url at the primary",
-    "57P04": "the database was dropped: create it, or fix database.url",
-}
-_FATAL_CLASSES = ("28", "3D", "3F", "42", "0A", "25", "2B", "2F", "P0")
-# Connection failures carry no SQLSTATE: recognise the server's FATAL messages.
-_CONNECT_FATAL = (
-    (("authentication failed",), "28P01"),
-    (("no password supplied",), "28P01"),
-    (("no pg_hba.conf entry",), "28000"),
-    (('role "', "does not exist"), "28000"),
-    (('database "', "does not exist"), "3D000"),
-    (("permission denied for database",), "42501"),
-)
-
-
-def is_row_error(exc: BaseException) -> bool:
-    """True for errors one row causes: data exceptions and constraint violations."""
-    state = getattr(exc, "sqlstate", None) or ""
-    return state.startswith(ROW_ERROR_CLASSES)
-
-
-def classify(exc: BaseException, where: str) -> SinkError:
-    """Map a psycopg (or socket) error to TransientError (retry) or FatalError (configuration)."""
-    state = getattr(exc, "sqlstate", None) or ""
-    text = _message(exc)
-    if state:
-        if state in _TRANSIENT_CODES or state.startswith(_TRANSIENT_CLASSES):
-            return TransientError(f"{where}: {text}", code=state)
-        if state in _FATAL_HINTS or state.startswith(_FATAL_CLASSES):
-            return FatalError(f"{where}: {text}", code=state, hint=_FATAL_HINTS.get(state, ""))
-        return TransientError(f"{where}: {text}", code=state)
-    low = text.lower()
-    for needles, code in _CONNECT_FATAL:
-        if all(n in low for n in needles):
-            return FatalError(f"{where}: {text}", code=code, hint=_FATAL_HINTS[code])
-    # Refused, reset, timed out, "the database system is starting up", "too
-    # many clients", a closed connection: all worth retrying.
-    return TransientError(f"{where}: {text}", code=type(exc).__name__)
-
-
-def _message(exc: BaseException) -> str:
-    diag = getattr(exc, "diag", None)
-    primary = getattr(diag, "message_primary", None) if diag is not None else None
-    text = primary or str(exc)
-    return " ".join(text.split())  # libpq messages span lines
-
 
 def quote_ident(name: str) -> str:
     """A double-quoted identifier (names from config are already validated)."""
     return '"' + name.replace('"', '""') + '"'
-
-
-class Watchdog:
-    """Shuts down a connection's socket when a guarded call overruns its deadline.
-
-    `statement_timeout` is enforced by the server, so it cannot end a call to a
-    server that stopped answering; shutting the socket down makes psycopg's
-    wait return with an error at once. One daemon thread, started on first
-    use. Thread-safe: guards from several threads may be armed at once.
-    """
-
-    def __init__(self, name: str = "tagwriter-pg-watchdog") -> None:
-        self.name = name
-        self._cond = threading.Condition()
-        self._armed: dict[int, tuple[float, int]] = {}  # token -> (deadline, fd)
-        self._fired: set[int] = set()
-        self._tokens = itertools.count(1)
-        self._thread: threading.Thread | None = None
-        self._closed = False
-
-    @contextlib.contextmanager
-    def guard(self, conn: psycopg.Connection[Any], seconds: float, what: str) -> Iterator[None]:
-        """Bound the block to `seconds`; raises TransientError(code="TIMEOUT") if it overran."""
-        try:
-            fd = conn.pgconn.socket
-        except psycopg.Error as exc:
-            raise TransientError(f"{what}: connection lost: {_message(exc)}") from None
-        token = next(self._tokens)
-        with self._cond:
-            self._armed[token] = (time.monotonic() + seconds, fd)
-            self._closed = False
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-                self._thread.start()
-            self._cond.notify()
-        try:
-            yield
-        except (psycopg.Error, OSError) as exc:
-            if self._take_fired(token):
-                raise TransientError(
-                    f"{what}: no answer within {seconds:g} s (database.call_timeout); "
-                    "connection closed", code="TIMEOUT",
-                ) from exc
-            raise
-        finally:
-            with self._cond:
-                self._armed.pop(token, None)
-                self._fired.discard(token)
-
-    def _take_fired(self, token: int) -> bool:
-        with self._cond:
-            return token in self._fired
-
-    def _run(self) -> None:
-        with self._cond:
-            while not self._closed:
-                now = time.monotonic()
-                for token, (deadline, fd) in list(self._armed.items()):
-                    if deadline <= now:
-                        # Under the lock: the guarded block cannot finish (and
-                        # its connection be closed, freeing the fd) meanwhile.
-                        del self._armed[token]
-                        self._fired.add(token)
-                        _shutdown_fd(fd)
-                if self._armed:
-                    self._cond.wait(max(0.0, min(d for d, _ in self._armed.values()) - now))
-                else:
-                    self._cond.wait()
-            self._thread = None  # under the lock: the next guard starts a new thread
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
-def _shutdown_fd(fd: int) -> None:
-    try:
-        sock = socket.socket(fileno=os.dup(fd))
-    except OSError:
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        sock.close()
 
 
 class PostgresSink:
@@ -260,6 +80,7 @@ class PostgresSink:
             if len(name.encode()) > MAX_IDENTIFIER:
                 raise ConfigError(f"database: name {name!r} is longer than PostgreSQL's {MAX_IDENTIFIER} bytes")
         self.host, self.port, self.dbname, self.user = host, port, dbname, user
+        register(password)  # a sink built without a validated config (library use) is redacted too
         self._password = password
         self.connect_timeout = connect_timeout
         self.call_timeout = call_timeout
@@ -277,7 +98,7 @@ class PostgresSink:
         # Read at open(): binary COPY types of the table's columns (None: no direct COPY), and
         # the bound of its quality column (sending more is refused per row before the COPY).
         self._direct_types: tuple[str, str, str, str] | None = None
-        self._quality_bound = _INT8_END
+        self._quality_bound = INT8_END
         self._insert_range = (
             f"INSERT INTO {t} ({cols}) SELECT tag, ts, value, quality FROM pg_temp.{STAGE} "
             f"WHERE pos >= %s AND pos < %s ON CONFLICT ({key}) DO NOTHING"
@@ -357,19 +178,9 @@ class PostgresSink:
         where = f"open {self.spec.table}"
         try:
             with self._call(conn, where):
-                key = self._table_key(conn)
-                if key is None:
-                    raise FatalError(
-                        f"{where}: table {self.spec.table} does not exist",
-                        code="42P01", hint=_FATAL_HINTS["42P01"],
-                    )
-                if {c for c in key} != {self.spec.tag, self.spec.ts}:
-                    raise FatalError(
-                        f"{where}: table {self.spec.table} has no primary or unique key on "
-                        f"({self.spec.tag}, {self.spec.ts}); found ({', '.join(key) or 'none'})",
-                        code="42P10", hint=_FATAL_HINTS["42P10"],
-                    )
-                self._direct_types, self._quality_bound = self._column_types(conn)
+                # The codes PostgreSQL itself gives: no such table; ON CONFLICT without the key.
+                info = verify_table(self, self._table_info(conn), where=where, codes=("42P01", "42P10"))
+                self._direct_types, self._quality_bound = self._column_types(info)
                 if not self.optimistic:
                     self._direct_types = None
                 conn.execute(_STAGE_DDL)
@@ -382,29 +193,11 @@ class PostgresSink:
             raise
         self._conn = conn
 
-    def _table_key(self, conn: psycopg.Connection[Any]) -> list[str] | None:
-        """Columns of the key ON CONFLICT can use, [] if none; None if no table."""
-        row = conn.execute("SELECT to_regclass(%s)::oid", (quote_ident(self.spec.table),)).fetchone()
-        if row is None or row[0] is None:
-            return None
-        keys = _keys(conn, row[0])
-        want = {self.spec.tag, self.spec.ts}
-        for cols in keys:
-            if set(cols) == want:
-                return cols
-        return keys[0] if keys else []
-
-    def _column_types(self, conn: psycopg.Connection[Any]) -> tuple[tuple[str, str, str, str] | None, int]:
+    def _column_types(self, info: TableInfo) -> tuple[tuple[str, str, str, str] | None, int]:
         """Binary COPY types of the table's (tag, ts, value, quality) columns (None: not all known), quality bound."""
-        s = self.spec
-        rows = conn.execute(
-            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
-            "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped",
-            (quote_ident(s.table),),
-        ).fetchall()
-        types = {str(name): str(kind) for name, kind in rows}
-        tag, ts, value, quality = (types.get(c, "") for c in s.columns)
-        q_type, bound = _DIRECT_QUALITY.get(quality, ("", _INT8_END))
+        types = {c.name: c.type for c in info.columns}
+        tag, ts, value, quality = (types.get(c, "") for c in self.spec.columns)
+        q_type, bound = _DIRECT_QUALITY.get(quality, ("", INT8_END))
         if (not tag.startswith(_DIRECT_TAG) or ts != "timestamp with time zone"
                 or value != "double precision" or not q_type):
             return None, bound
@@ -425,7 +218,7 @@ class PostgresSink:
         if not rows:
             return WriteResult(0)
         self.open()  # first: the table's quality column type bounds what may be sent
-        staged, positions, rejected = _stage_rows(rows, self._quality_bound)
+        staged, positions, rejected = stage_rows(rows, self._quality_bound)
         if not staged:
             return WriteResult(0, 0, rejected)
         conn = self._conn
@@ -442,7 +235,7 @@ class PostgresSink:
                 first = exc
             self._rollback(conn, where)
             log.info("batch of %d hit a row error (%s %s): isolating the bad rows",
-                     len(staged), first.sqlstate, _message(first))
+                     len(staged), first.sqlstate, error_text(first))
             result = self._isolate(conn, staged, positions, where)
             result.rejected = sorted(rejected + result.rejected, key=lambda e: e.index)
             return result
@@ -485,7 +278,7 @@ class PostgresSink:
 
         One COPY statement is atomic on its own, so it runs in autocommit: no
         BEGIN and COMMIT round trips (at 500-row batches about a fifth of the
-        time). `_stage_rows` kept qualities within the column's range: binary
+        time). `stage_rows` kept qualities within the column's range: binary
         COPY would wrap them.
         """
         conn.autocommit = True
@@ -540,7 +333,7 @@ class PostgresSink:
                         cur.execute("ROLLBACK TO SAVEPOINT tagwriter_rows")
                         if hi - lo == 1:
                             pos = positions[lo] if positions else lo
-                            rejected.append(RowError(pos, exc.sqlstate or "", _message(exc)))
+                            rejected.append(RowError(pos, exc.sqlstate or "", error_text(exc)))
                         else:
                             mid = (lo + hi) // 2
                             pending += [(mid, hi), (lo, mid)]
@@ -666,21 +459,25 @@ class PostgresSink:
         with self._session(where) as conn:
             try:
                 with self._call(conn, where):
-                    row = conn.execute("SELECT to_regclass(%s)::oid",
-                                       (quote_ident(self.spec.table),)).fetchone()
-                    if row is None or row[0] is None:
-                        return None
-                    oid = row[0]
-                    cols = conn.execute(
-                        "SELECT attname, format_type(atttypid, atttypmod), NOT attnotnull "
-                        "FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped "
-                        "ORDER BY attnum", (oid,),
-                    ).fetchall()
-                    keys = _keys(conn, oid)
+                    return self._table_info(conn)
             except psycopg.Error as exc:
                 raise classify(exc, where) from None
-        return TableInfo([ColumnInfo(n, t, bool(nullable)) for n, t, nullable in cols],
-                         keys[0] if keys else [])
+
+    def _table_info(self, conn: psycopg.Connection[Any]) -> TableInfo | None:
+        """The table's columns and its key: the one on (tag, ts) if any, else the primary key; None if no table."""
+        row = conn.execute("SELECT to_regclass(%s)::oid", (quote_ident(self.spec.table),)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        oid = row[0]
+        cols = conn.execute(
+            "SELECT attname, format_type(atttypid, atttypmod), NOT attnotnull "
+            "FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped "
+            "ORDER BY attnum", (oid,),
+        ).fetchall()
+        keys = _keys(conn, oid)
+        want = {self.spec.tag, self.spec.ts}
+        key = next((k for k in keys if set(k) == want), keys[0] if keys else [])
+        return TableInfo([ColumnInfo(n, t, bool(nullable)) for n, t, nullable in cols], key)
 
     def table_differences(self, info: TableInfo) -> list[str]:
         """How `info` differs from DESIGN.md's PostgreSQL table ([] = writable as tagwriter expects)."""
@@ -732,67 +529,6 @@ def _keys(conn: psycopg.Connection[Any], oid: int) -> list[list[str]]:
     return [list(r[0]) for r in rows]
 
 
-def _stage_rows(
-    rows: Sequence[TagValue], quality_bound: int = _INT8_END
-) -> tuple[list[tuple[Any, ...]], list[int] | None, list[RowError]]:
-    """COPY tuples `(tag, ts, value, quality)`, their indexes in the batch, and the rows refused.
-
-    The indexes are None when no row was refused (then they are 0..n-1).
-    Refused here: what PostgreSQL cannot store at all and would fail the whole
-    COPY (NUL or unencodable text, a timestamp outside timestamptz's range, a
-    non-number), and a quality outside the column's range (binary COPY would
-    wrap it around instead of failing).
-    """
-    staged: list[tuple[Any, ...]] = []
-    rejected: list[RowError] = []
-    q_min = -quality_bound
-    for pos, (tag, ts_us, value, quality) in enumerate(rows):
-        if (
-            type(tag) is str and type(ts_us) is int and type(quality) is int
-            and (value is None or type(value) is float)
-            and TS_MIN_US <= ts_us < TS_END_US and q_min <= quality < quality_bound
-            and (tag.isascii() and "\x00" not in tag)
-        ):
-            staged.append((tag, ts_us - PG_EPOCH_US, value, quality))
-            continue
-        error = _row_problem(pos, tag, ts_us, value, quality, quality_bound)
-        if error is None:  # a non-ASCII tag, an int value, ...: fine after all
-            staged.append((tag, ts_us - PG_EPOCH_US, None if value is None else float(value), quality))
-        else:
-            rejected.append(error)
-    if not rejected:
-        return staged, None, rejected
-    refused = {e.index for e in rejected}
-    return staged, [i for i in range(len(rows)) if i not in refused], rejected
-
-
-def _row_problem(pos: int, tag: Any, ts_us: Any, value: Any, quality: Any, quality_bound: int) -> RowError | None:
-    if not isinstance(tag, str):
-        return RowError(pos, "22P02", f"tag_name is not text: {tag!r}")
-    if "\x00" in tag:
-        return RowError(pos, "22021", "tag_name contains a NUL character")
-    try:
-        tag.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return RowError(pos, "22021", f"tag_name is not valid UTF-8 text: {exc.reason}")
-    if not isinstance(ts_us, int) or isinstance(ts_us, bool):
-        return RowError(pos, "22P02", f"timestamp is not integer microseconds: {ts_us!r}")
-    if not TS_MIN_US <= ts_us < TS_END_US:
-        return RowError(pos, "22008", "timestamp out of range for timestamptz")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        return RowError(pos, "22P02", f"value is not a number: {value!r}")
-    if isinstance(value, int) and not -(2**1023) < value < 2**1023:
-        return RowError(pos, "22003", "value out of range for double precision")
-    if not isinstance(quality, int) or isinstance(quality, bool):
-        return RowError(pos, "22P02", f"quality is not an integer: {quality!r}")
-    if not -quality_bound <= quality < quality_bound:
-        return RowError(pos, "22003", f"quality {quality} out of range for the quality column")
-    return None
-
-
 def _close_quietly(conn: psycopg.Connection[Any]) -> None:
     with contextlib.suppress(Exception):
         conn.close()
-
-
-__all__ = ["PostgresSink", "Watchdog", "classify", "is_row_error", "quote_ident"]
