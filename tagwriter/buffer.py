@@ -9,6 +9,7 @@ One mutex is shared by both Conditions (as in `queue.Queue`).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -87,8 +88,8 @@ class RingBuffer:
         self._rows: deque[TagValue] = deque()
         self._marks: deque[list[float]] = deque()  # [t_submit, count]
         self._mutex = threading.Lock()
-        self.not_empty = threading.Condition(self._mutex)
-        self.not_full = threading.Condition(self._mutex)
+        self._not_empty = threading.Condition(self._mutex)
+        self._not_full = threading.Condition(self._mutex)
         self._wake = False
         self._closed = False
         self.waiting = 0  # rows of puts blocked for room: submitted, not yet in the buffer
@@ -117,7 +118,7 @@ class RingBuffer:
                 result = self._put_blocking(rows, t_submit)
             else:
                 result = self._put_evicting(rows, t_submit)
-            self.not_empty.notify()
+            self._not_empty.notify()
         if result.dropped or result.evicted:
             self._warn_overflow(result.dropped + len(result.evicted))
         return result
@@ -156,7 +157,7 @@ class RingBuffer:
                     accepted += len(take)
                     if waited:
                         self.waiting -= len(take)
-                    self.not_empty.notify()
+                    self._not_empty.notify()
                     continue
                 remaining = deadline - self._clock.monotonic()
                 if remaining <= 0.0 or self._closed:
@@ -164,7 +165,7 @@ class RingBuffer:
                 if not waited:
                     waited = True
                     self.waiting += len(rows) - accepted
-                self.not_full.wait(remaining)
+                self._not_full.wait(remaining)
         finally:
             if waited:
                 self.waiting -= len(rows) - accepted
@@ -227,48 +228,64 @@ class RingBuffer:
         """End intake: wake blocked puts (they return their rows as refused); idempotent."""
         with self._mutex:
             self._closed = True
-            self.not_full.notify_all()
-            self.not_empty.notify_all()
+            self._not_full.notify_all()
+            self._not_empty.notify_all()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
+    def wait_for_room(self, n: int, timeout: float) -> bool:
+        """Wait until `min(n, capacity)` rows fit or the buffer is closed (True); False on timeout."""
+        need = min(n, self.capacity)
+        clock = self._clock
+        deadline = clock.monotonic() + timeout
+        with self._mutex:
+            while not self._closed and self.capacity - len(self._rows) < need:
+                remaining = deadline - clock.monotonic()
+                if remaining <= 0.0:
+                    return False
+                self._not_full.wait(remaining)
+            return True
+
     # -- the writer --------------------------------------------------------
 
     def wait_ready(self, batch_size: int, max_age: float, timeout: float) -> int:
-        """Block until a batch is due, `wake()` is called, or `timeout` passes.
+        """Block until a batch is due (see `batch_due`), `wake()` is called, or `timeout` passes.
 
-        A batch is due when `batch_size` rows are pending or the oldest has
-        waited `max_age` seconds. Returns the number of pending rows.
+        Returns the number of pending rows.
         """
         clock = self._clock
         deadline = clock.monotonic() + timeout
         with self._mutex:
             while True:
-                n = len(self._rows)
-                now = clock.monotonic()
                 if self._wake:
                     self._wake = False
-                    return n
-                if n >= batch_size:
-                    return n
-                if n:
-                    age = now - self._marks[0][0]
-                    if age >= max_age:
-                        return n
-                    wait = min(max_age - age, deadline - now)
-                else:
-                    wait = deadline - now
+                    return len(self._rows)
+                now = clock.monotonic()
+                wait = min(self._due_in(batch_size, max_age, now), deadline - now)
                 if wait <= 0.0:
-                    return n
-                self.not_empty.wait(wait)
+                    return len(self._rows)
+                self._not_empty.wait(None if wait == math.inf else wait)
+
+    def batch_due(self, batch_size: int, max_age: float) -> bool:
+        """The batch rule: `batch_size` rows are pending, or the oldest has waited `max_age` seconds."""
+        with self._mutex:
+            return self._due_in(batch_size, max_age, self._clock.monotonic()) <= 0.0
+
+    def _due_in(self, batch_size: int, max_age: float, now: float) -> float:
+        """Seconds until a batch is due by `batch_due`'s rule (0 = now, inf when empty); under the mutex."""
+        if len(self._rows) >= batch_size:
+            return 0.0
+        if not self._rows:
+            return math.inf
+        return max_age - (now - self._marks[0][0])
 
     def wake(self) -> None:
         """Make a pending or the next `wait_ready` return at once."""
         with self._mutex:
             self._wake = True
-            self.not_empty.notify_all()
+            self._not_empty.notify_all()
 
     def drain(self, max_n: int) -> Batch:
         """Take up to `max_n` rows, oldest first; never blocks on an empty buffer."""
@@ -279,7 +296,7 @@ class RingBuffer:
             rows = self._rows
             batch = Batch([rows.popleft() for _ in range(n)], [])
             self._consume_marks(n, batch.marks)
-            self.not_full.notify_all()
+            self._not_full.notify_all()
             return batch
 
     def oldest_age(self) -> float:

@@ -28,9 +28,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tagwriter.backoff import Backoff
 from tagwriter.clock import SYSTEM_CLOCK, Clock
 from tagwriter.config import Config
 from tagwriter.errors import InputError, SinkError, SpoolError
@@ -38,10 +40,10 @@ from tagwriter.models import TagValue
 from tagwriter.replay import REPLAYED_DIR, FileReplay
 from tagwriter.sinks.base import Sink
 from tagwriter.spool import Spool
+from tagwriter.spooltarget import TARGET_FILE, read_target, record_target, sink_target
 
 log = logging.getLogger(__name__)
 
-TARGET_FILE = ".target"  # in the spool folder: the database its files are meant for
 RESCAN_INTERVAL = 10.0  # seconds between looks at the spool folder while idle
 RATE_WINDOW = 10.0  # seconds the drain rate is averaged over
 MIN_RATE_SPAN = 1.0  # a drain that just started is averaged over at least this long
@@ -63,8 +65,9 @@ class SpoolDrain:
         self.sink = sink
         self.clock = clock
         self.batch_size = config.writer.batch_size
-        self.retry_delays = list(config.writer.retry_delays) or [config.writer.probe_interval]
-        self.max_delay = config.writer.probe_max_interval
+        # The live writer's retry delays, then the probe's capped doubling.
+        self.backoff = Backoff(config.writer.retry_delays or [config.writer.probe_interval],
+                               cap=config.writer.probe_max_interval)
         self.rate = config.backup.replay_rate
         self.replayed_dir = spool.directory / REPLAYED_DIR
         self._lock = threading.Lock()
@@ -74,12 +77,13 @@ class SpoolDrain:
         self._pending: list[TagValue] = []  # a batch whose write failed, retried as is
         self._next_at = 0.0
         self._next_scan = 0.0
-        self._failures = 0
+        self._delays: Iterator[float] | None = None  # the back-off after a failed write; None: none
         self._skip: set[Path] = set()  # refused or unmovable files: left alone until restart
         self._target_checked = False
         self._window: deque[tuple[float, int]] = deque()
         self._rate_since = 0.0  # when the rows now in the window started draining
         self._row_bytes = 0.0  # measured on drained lines; 0 = not yet
+        self._sampled_row_bytes = 0.0  # sampled from a spool file before any is drained; 0 = not yet
         self.replayed = 0
         self.duplicates = 0
         self.quarantined = 0
@@ -102,8 +106,11 @@ class SpoolDrain:
             current.close()
 
     def status(self) -> dict[str, Any]:
-        """Backlog and drain figures for `Metrics.snapshot(**status)`; backlog rows are estimated."""
-        files = [p for p in self.spool.backup.files() if p not in self._skip]
+        """Backlog and drain figures for `Metrics.snapshot(**status)`; backlog rows are estimated.
+
+        From the spool's counts: no folder scan, whatever the backlog.
+        """
+        count, size = self.spool.backup.completed(excluding=self._skip.copy())  # a copy: the writer adds to it
         now = self.clock.monotonic()
         with self._lock:
             current = self._current
@@ -120,32 +127,30 @@ class SpoolDrain:
                 "replay_bad_lines": self.bad_lines,
                 "replayed_files": self.files_done,
             }
-        size = 0
-        for p in files:
-            try:
-                size += p.stat().st_size
-            except OSError:
-                continue  # moved meanwhile
-        rows = round(max(0, size - done_chars) / self._bytes_per_row(files)) if files else 0
+        rows = round(max(0, size - done_chars) / self._bytes_per_row()) if count else 0
         rate = drained / span if drained else 0.0
         return {
             "backlog_rows": rows,
-            "backlog_files": len(files),
+            "backlog_files": count,
             "drain_rate_per_s": rate,
             "drain_eta_s": rows / rate if rows and rate > 0 else None,
             **extra,
         }
 
-    def _bytes_per_row(self, files: list[Path]) -> float:
+    def _bytes_per_row(self) -> float:
+        """Measured on drained files; until then sampled once from the oldest spool file."""
         if self._row_bytes:
             return self._row_bytes
-        try:
-            with open(files[0], "rb") as f:
-                sample = f.read(SAMPLE_BYTES)
-        except OSError:
-            return DEFAULT_ROW_BYTES
-        lines = sample.count(b"\n")
-        return len(sample) / lines if lines > 1 else DEFAULT_ROW_BYTES
+        if not self._sampled_row_bytes:
+            files = self.spool.backup.files()  # once: a listing, not a look at every file
+            try:
+                with open(files[0], "rb") as f:
+                    sample = f.read(SAMPLE_BYTES)
+            except (OSError, IndexError):
+                return DEFAULT_ROW_BYTES
+            lines = sample.count(b"\n")
+            self._sampled_row_bytes = len(sample) / lines if lines > 1 else DEFAULT_ROW_BYTES
+        return self._sampled_row_bytes
 
     # -- the writer thread -------------------------------------------------
 
@@ -157,7 +162,7 @@ class SpoolDrain:
             busy = self._current is not None or bool(self._queue)
         if triggered:
             self._next_at = now
-            self._failures = 0
+            self._delays = None
         if triggered or (not busy and now >= self._next_scan):
             self._scan(now)
             busy = self._current is not None or bool(self._queue)
@@ -181,7 +186,7 @@ class SpoolDrain:
                     self._back_off(started, exc, fr)
                     return
                 self._pending = []
-                self._failures = 0
+                self._delays = None
                 fr.settle(rows, result)
                 self._count(started, len(rows), result.written, result.duplicates, len(result.rejected))
                 self._pace(started, len(rows))
@@ -205,7 +210,7 @@ class SpoolDrain:
     def check_target(self) -> None:
         """Once, before the first drain: leave alone spool files an earlier run made for another database.
 
-        The spool folder's TARGET_FILE names the database (sink.describe(), no
+        The spool folder's TARGET_FILE (`tagwriter.spooltarget`) names the database (no
         password) its files were spooled for. Files found at start while it
         names another one are not drained here (a scratch run must not pour a
         production backlog into its own database); `tagwriter replay` moves
@@ -214,28 +219,22 @@ class SpoolDrain:
         if self._target_checked:
             return
         self._target_checked = True
-        target = _target(self.sink)
-        marker = self.spool.directory / TARGET_FILE
-        try:
-            previous = marker.read_text(encoding="utf-8").strip()
-        except OSError:
-            previous = ""
+        target = sink_target(self.sink)
+        previous = read_target(self.spool.directory)
         files = self.spool.backup.files()
         if files and previous and previous != target:
             self._skip.update(files)
             log.warning(
                 "auto replay: %d spool file%s in %s were spooled for %s, not for %s: left alone; "
-                "replay them into their database with `tagwriter replay %s --database URL`",
+                "replay them into their database with `tagwriter replay %s`",
                 len(files), "s" * (len(files) != 1), self.spool.directory, previous, target, self.spool.directory,
             )
             return
         try:
-            self.spool.directory.mkdir(parents=True, exist_ok=True)
-            tmp = marker.with_name(marker.name + ".tmp")
-            tmp.write_text(target + "\n", encoding="utf-8")
-            tmp.replace(marker)
+            record_target(self.spool.directory, target)
         except OSError as exc:
-            log.warning("auto replay: cannot record the spool's target in %s: %s", marker, exc)
+            log.warning("auto replay: cannot record the spool's target in %s: %s",
+                        self.spool.directory / TARGET_FILE, exc)
 
     def _open_next(self) -> FileReplay | None:
         with self._lock:
@@ -254,13 +253,9 @@ class SpoolDrain:
         return fr
 
     def _back_off(self, started: float, exc: SinkError, fr: FileReplay) -> None:
-        self._failures += 1
-        k = self._failures
-        delays = self.retry_delays
-        if k <= len(delays):
-            delay = delays[k - 1]  # the live writer's retry schedule first
-        else:  # then the probe's capped doubling
-            delay = min(self.max_delay, max(delays[-1], 0.01) * 2 ** (k - len(delays)))
+        if self._delays is None:
+            self._delays = iter(self.backoff)
+        delay = next(self._delays)
         self._next_at = started + delay
         log.warning("auto replay of %s: batch failed (%s); retry in %gs (the file stays until done)",
                     fr.path.name, exc, delay)
@@ -306,11 +301,4 @@ class SpoolDrain:
             self._pending = []
         if skip:
             self._skip.add(fr.path)
-
-
-def _target(sink: Sink) -> str:
-    """The database a sink writes to, as it describes itself; test wrappers (`.inner`) see through."""
-    while getattr(sink, "inner", None) is not None:
-        sink = sink.inner  # type: ignore[attr-defined]
-    return sink.describe()
 

@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
-from clocks import ManualClock, wait_until
+from clocks import ManualClock
+from waits import wait_until
 
 from tagwriter.buffer import Batch, OverflowPolicy, RingBuffer
 from tagwriter.models import TagValue
-from tagwriter.spool import Spool, SpoolLine, read_spool
+from tagwriter.spool import Spool
+from tagwriter.spoolformat import SpoolLine, read_spool
 
 
 def rows(start: int, n: int, tag: str = "t") -> list[TagValue]:
@@ -98,8 +100,8 @@ class CountingLock:
 def counting(buf: RingBuffer) -> CountingLock:
     lock = CountingLock()
     buf._mutex = lock  # type: ignore[assignment]
-    buf.not_empty = threading.Condition(lock)  # type: ignore[arg-type]
-    buf.not_full = threading.Condition(lock)  # type: ignore[arg-type]
+    buf._not_empty = threading.Condition(lock)  # type: ignore[arg-type]
+    buf._not_full = threading.Condition(lock)  # type: ignore[arg-type]
     return lock
 
 
@@ -131,13 +133,13 @@ def test_wait_ready_returns_when_batch_size_pending_or_oldest_is_old() -> None:
     waiter = threading.Thread(target=lambda: result.append(buf2.wait_ready(10, 1.0, 60.0)))
     waiter.start()
     clock.advance(0.5)  # 0.9 s old: not due yet
-    with buf2.not_empty:
-        buf2.not_empty.notify_all()
+    with buf2._not_empty:
+        buf2._not_empty.notify_all()
     waiter.join(0.2)
     assert waiter.is_alive() and result == []
     clock.advance(0.1)  # 1.0 s old: due
-    with buf2.not_empty:
-        buf2.not_empty.notify_all()
+    with buf2._not_empty:
+        buf2._not_empty.notify_all()
     waiter.join(10)
     assert result == [3]
 
@@ -153,6 +155,93 @@ def test_wake_makes_wait_ready_return_early() -> None:
     waiter.join(10)
     assert result == [2]
     assert clock.monotonic() == 1000.0  # no time had to pass
+
+
+def test_batch_due_is_size_or_age_of_the_oldest() -> None:
+    clock = ManualClock()
+    buf = RingBuffer(100, clock=clock)
+    assert not buf.batch_due(batch_size=5, max_age=1.0)  # empty: never due
+    buf.put_many(rows(0, 3))
+    clock.advance(0.5)
+    buf.put_many(rows(3, 1))  # a newer value does not restart the oldest one's age
+    assert not buf.batch_due(5, 1.0)
+    clock.advance(0.5)
+    assert buf.batch_due(5, 1.0)  # the oldest is 1.0 s old
+    buf.drain(100)
+    buf.put_many(rows(10, 5))
+    assert buf.batch_due(5, 1.0)  # batch_size pending, at once
+
+
+# -- wait_for_room (producers that must not overflow) --------------------------------
+
+
+def parked(buf: RingBuffer) -> None:
+    """Wait until a thread waits for room. A notify empties the waiters (CPython): a new entry is a new look."""
+    wait_until(lambda: buf._not_full._waiters, what="a thread waiting for room")  # type: ignore[attr-defined]
+
+
+def advance_and_poke(clock: ManualClock, buf: RingBuffer, seconds: float) -> None:
+    """Move the clock and make threads waiting for room look at it again (the buffer's waits are real)."""
+    clock.advance(seconds)
+    with buf._not_full:
+        buf._not_full.notify_all()
+
+
+def waiting_for_room(buf: RingBuffer, n: int, timeout: float) -> tuple[threading.Thread, list[bool]]:
+    """`buf.wait_for_room(n, timeout)` on a thread, parked once this returns; (the thread, its result when done)."""
+    result: list[bool] = []
+    waiter = threading.Thread(target=lambda: result.append(buf.wait_for_room(n, timeout)))
+    waiter.start()
+    parked(buf)
+    return waiter, result
+
+
+def test_wait_for_room_is_true_at_once_when_the_rows_fit() -> None:
+    buf = RingBuffer(10)
+    buf.put_many(rows(0, 7))
+    assert buf.wait_for_room(3, timeout=0.0)
+    assert not buf.wait_for_room(4, timeout=0.0)
+    assert buf.wait_for_room(1000, timeout=0.0) is False  # asks for at most the capacity: 10 do not fit
+    buf.drain(10)
+    assert buf.wait_for_room(1000, timeout=0.0)  # min(n, capacity) rows fit in an empty buffer
+
+
+def test_wait_for_room_wakes_when_a_drain_makes_room() -> None:
+    buf = RingBuffer(10)
+    buf.put_many(rows(0, 10))
+    waiter, result = waiting_for_room(buf, 4, 30.0)
+    buf.drain(3)  # 3 free: not enough for 4
+    parked(buf)  # it looked again and waits on
+    assert result == []
+    buf.drain(1)
+    waiter.join(10)
+    assert result == [True]
+
+
+def test_wait_for_room_gives_up_at_its_deadline_on_the_injected_clock() -> None:
+    clock = ManualClock()
+    buf = RingBuffer(2, clock=clock)
+    buf.put_many(rows(0, 2))
+    waiter, result = waiting_for_room(buf, 1, 5.0)
+
+    def poke(seconds: float) -> None:
+        advance_and_poke(clock, buf, seconds)
+
+    poke(4.9)
+    parked(buf)  # it looked at the clock again and waits on
+    assert result == []
+    poke(0.1)
+    waiter.join(10)
+    assert result == [False]
+
+
+def test_close_ends_wait_for_room_with_true() -> None:
+    buf = RingBuffer(1)
+    buf.put_many(rows(0, 1))
+    waiter, result = waiting_for_room(buf, 1, 30.0)
+    buf.close()
+    waiter.join(10)
+    assert result == [True]  # the put that follows refuses its rows: the caller spools them
 
 
 # -- drop-oldest -----------------------------------------------------------------
@@ -303,9 +392,7 @@ def test_block_with_injected_clock_gives_up_only_at_the_deadline() -> None:
     producer.start()
 
     def poke(seconds: float) -> None:
-        clock.advance(seconds)
-        with buf.not_full:
-            buf.not_full.notify_all()
+        advance_and_poke(clock, buf, seconds)
 
     poke(4.9)
     producer.join(0.2)

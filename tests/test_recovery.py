@@ -12,12 +12,13 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from rich.console import Console
+from waits import wait_until
 
 from tagwriter.buffer import RingBuffer
 from tagwriter.config import BackupConfig, Config, DatabaseConfig, WriterConfig, validate
@@ -48,14 +49,6 @@ def make_config(tmp_path: Path, **backup: Any) -> Config:
     )
     validate(config)
     return config
-
-
-def wait_until(predicate: Callable[[], object], what: str, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)
 
 
 class Feed:
@@ -99,7 +92,7 @@ def outage(p: Pipeline, sink: MemorySink, feed: Feed, polls: int) -> None:
     target = p.snapshot().spooled + polls * 10
     feed.submit(p, polls)
     wait_until(lambda: p.snapshot().spooled >= target, "the outage values to be spooled")
-    assert p.writer.in_outage
+    assert p.in_outage
 
 
 # -- end to end ----------------------------------------------------------------------
@@ -116,7 +109,7 @@ def test_after_an_outage_every_value_is_in_the_table_exactly_once_and_the_spool_
         assert p.snapshot().state == WriterState.OUTAGE
         sink.come_up()
         feed.submit(p, 30)  # live values keep coming while the backlog drains
-        wait_until(lambda: not p.writer.in_outage, "the probe to see the database back")
+        wait_until(lambda: not p.in_outage, "the probe to see the database back")
         feed.submit(p, 30)
         wait_until(lambda: not spool_files(tmp_path / "backup") and p.snapshot().extra["replayed"] >= 1500,
                    "the drain to empty the spool")
@@ -206,7 +199,7 @@ def test_spool_files_made_for_another_database_are_not_drained_into_this_one(
             Pipeline(make_config(tmp_path), sink=SqliteSink(tmp_path / "scratch.db")) as p:
         live.submit(p, 3)
         assert p.flush(5)
-        wait_until(lambda: p.drain._next_scan > 0, "the drain's first look at the folder")
+        wait_until(lambda: p._drain._next_scan > 0, "the drain's first look at the folder")
         assert p.snapshot().backlog_files == 0  # not this run's backlog
     assert table(tmp_path / "scratch.db") == as_table(live.values)  # only its own values
     assert spool_files(backup) == left
@@ -221,10 +214,10 @@ def test_auto_replay_false_leaves_the_spool_alone(tmp_path: Path) -> None:
     sink = MemorySink(inner=SqliteSink(tmp_path / "tags.db"))
     feed = Feed()
     with Pipeline(cfg, sink=sink) as p:
-        assert p.writer.background is None and p.writer.on_recovered is None
+        assert p._writer.background is None and p._writer.on_recovered is None  # internals: no such API
         outage(p, sink, feed, 50)
         sink.come_up()
-        wait_until(lambda: not p.writer.in_outage, "the probe to see the database back")
+        wait_until(lambda: not p.in_outage, "the probe to see the database back")
         feed.submit(p, 10)
         assert p.flush(5)
     s = p.snapshot()
@@ -280,7 +273,8 @@ def test_a_live_batch_waits_behind_at_most_one_backlog_batch(tmp_path: Path) -> 
     rec = Recorder(SqliteSink(tmp_path / "tags.db"))
     rec.hold_next_backlog = True
     feed = Feed()
-    with Pipeline(make_config(tmp_path, replay_rate=0.0), sink=rec) as p:
+    cfg = make_config(tmp_path, replay_rate=0.0)
+    with Pipeline(cfg, sink=rec) as p:
         assert rec.held.wait(10)  # the drain's first batch is in the database call
         feed.submit(p, 30)  # three full live batches become due meanwhile
         mark = len(rec.writes)
@@ -291,8 +285,9 @@ def test_a_live_batch_waits_behind_at_most_one_backlog_batch(tmp_path: Path) -> 
         rec.held.clear()
         rec.hold_next_backlog = True
         assert rec.held.wait(10)
+        submitted = time.monotonic()
         feed.submit(p, 3)
-        wait_until(lambda: p.buffer.oldest_age() >= p.config.writer.flush_interval, "the live values to be due")
+        wait_until(lambda: time.monotonic() - submitted >= cfg.writer.flush_interval, "the live values to be due")
         mark2 = len(rec.writes)
         rec.release.set()
         wait_until(lambda: not spool_files(backup), "the drain to finish")
@@ -500,7 +495,7 @@ class SimulatedLive(RingBuffer):
             if now >= self.until:
                 return super().wait_ready(batch_size, max_age, 3600.0)  # parks until wake()
             n = len(self)
-            if n >= batch_size or (n and self.oldest_age() >= max_age) or now >= deadline:
+            if self.batch_due(batch_size, max_age) or now >= deadline:
                 return n
             t = min(deadline, self.next_poll, self.until)
             if n:

@@ -9,15 +9,17 @@ when the writer is parked in `wait_ready` again after reacting to a change.
 from __future__ import annotations
 
 import logging
+import random as _random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from clocks import ManualClock, wait_until
+from clocks import ManualClock
+from waits import wait_until
 
 from tagwriter.buffer import RingBuffer
 from tagwriter.config import BackupConfig, Config, WriterConfig
@@ -28,17 +30,25 @@ from tagwriter.pipeline import Pipeline
 from tagwriter.sinks.base import WriteResult
 from tagwriter.sinks.memory import MemorySink
 from tagwriter.sinks.sqlite import SqliteSink
-from tagwriter.spool import Spool, SpoolLine, read_spool
-from tagwriter.writer import IDLE_TICK, SPOOL_ERROR_LOG_INTERVAL, Writer
+from tagwriter.spool import FULL_LOOK_INTERVAL, Spool
+from tagwriter.spoolformat import SpoolLine, read_spool
+from tagwriter.writer import SPOOL_ERROR_LOG_INTERVAL, Writer
 
 
 class TracedBuffer(RingBuffer):
-    """A RingBuffer that shows when the writer sits in `wait_ready` (test instrumentation)."""
+    """A RingBuffer that shows when the writer sits in `wait_ready` (test instrumentation).
+
+    `looks` counts the waits inside `wait_ready`: each one follows a look at
+    the clock, so after `poke()` a larger count means the writer has seen the
+    clock as it is now (and written whatever that made due).
+    """
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.entries = 0
         self.parked = False
+        self.looks = 0
+        self._not_empty = _CountingCondition(self, self._mutex)
 
     def wait_ready(self, batch_size: int, max_age: float, timeout: float) -> int:
         self.entries += 1
@@ -48,10 +58,21 @@ class TracedBuffer(RingBuffer):
         finally:
             self.parked = False
 
-    def poke(self) -> None:
-        """Make a parked `wait_ready` look at the clock again (unlike `wake()`, forces nothing)."""
-        with self.not_empty:
-            self.not_empty.notify_all()
+    def poke(self) -> int:
+        """Make a parked `wait_ready` look at the clock again (unlike `wake()`, forces nothing); `looks` before."""
+        with self._not_empty:
+            self._not_empty.notify_all()
+            return self.looks
+
+
+class _CountingCondition(threading.Condition):
+    def __init__(self, buffer: TracedBuffer, lock: threading.Lock) -> None:
+        super().__init__(lock)
+        self.buffer = buffer
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.buffer.looks += 1
+        return super().wait(timeout)
 
 
 class RecordingSink(MemorySink):
@@ -92,10 +113,9 @@ class Rig:
 
     def tick(self, seconds: float) -> None:
         """Advance the clock and wait until the writer has reacted and is parked again."""
-        entries = self.buffer.entries
         self.clock.advance(seconds)
-        self.buffer.poke()
-        wait_until(lambda: self.buffer.entries > entries and self.buffer.parked, what="writer parked again")
+        looks = self.buffer.poke()
+        wait_until(lambda: self.buffer.looks > looks and self.buffer.parked, what="writer parked again")
 
     def parked(self) -> None:
         wait_until(lambda: self.buffer.parked, what="writer parked in wait_ready")
@@ -114,7 +134,12 @@ class Rig:
         return out
 
 
-def make_rig(tmp_path: Path, **writer: object) -> Rig:
+def no_jitter() -> float:
+    """The probe's jitter source for an exact schedule."""
+    return 0.0
+
+
+def make_rig(tmp_path: Path, *, max_bytes: int = 0, random: Callable[[], float] = no_jitter, **writer: object) -> Rig:
     clock = ManualClock()
     cfg = WriterConfig(**{  # type: ignore[arg-type]
         "batch_size": 5, "flush_interval": 1.0, "retry_delays": [1.0, 2.0, 4.0],
@@ -122,9 +147,10 @@ def make_rig(tmp_path: Path, **writer: object) -> Rig:
     })
     buffer = TracedBuffer(10_000, clock=clock)
     sink = RecordingSink(clock)
-    spool = Spool(tmp_path / "backup", clock=clock)
+    spool = Spool(tmp_path / "backup", max_bytes=max_bytes, clock=clock)
     metrics = Metrics(clock)
-    rig = Rig(clock, buffer, sink, spool, metrics, Writer(buffer, sink, spool, metrics, cfg, clock=clock))
+    writer = Writer(buffer, sink, spool, metrics, cfg, clock=clock, random=random)
+    rig = Rig(clock, buffer, sink, spool, metrics, writer)
     rig.writer.on_recovered = lambda: rig.recovered.append(clock.monotonic())
     return rig
 
@@ -177,7 +203,7 @@ def test_flushes_by_time_since_the_oldest_pending_value(rig: Rig) -> None:
     t0 = rig.clock.monotonic()
     rig.submit(1)
     rig.parked()
-    # steps are exact binary fractions, >= IDLE_TICK so each makes a parked writer look again
+    # steps are exact binary fractions
     rig.tick(0.25)
     rig.tick(0.25)
     rig.submit(1)  # a newer value does not restart the oldest one's timer
@@ -185,9 +211,9 @@ def test_flushes_by_time_since_the_oldest_pending_value(rig: Rig) -> None:
     assert rig.sink.batches == []
     rig.tick(0.25)
     assert rig.sink.batches == [(2, t0 + 1.0)]
-    # an idle tick longer than IDLE_TICK never writes a batch that is not due
+    # a long idle wait never writes a batch that is not due
     rig.submit(3)
-    rig.tick(IDLE_TICK * 3)
+    rig.tick(0.75)
     assert len(rig.sink.batches) == 1
     rig.tick(1.0)
     assert rig.sink.sizes == [2, 3]
@@ -319,14 +345,70 @@ def test_in_outage_later_batches_are_spooled_at_once(rig: Rig) -> None:
     rig.identity()
 
 
+def held_batch(tmp_path: Path, rigs: list[Rig]) -> Rig:
+    """Outage with a spool whose cap the first batch reaches: the second batch is held."""
+    rig = make_rig(tmp_path, max_bytes=1)
+    rigs.append(rig)
+    start(rig)
+    go_to_outage(rig)  # the first batch is spooled: the cap is reached
+    rig.submit(5)
+    wait_until(lambda: rig.writer.held == 5, what="the batch held for room in the spool")
+    assert rig.writer.inflight == 5 and rig.spool.backup.full
+    return rig
+
+
+def test_a_full_spool_holds_the_batch_and_never_bounces_it_to_the_database(tmp_path: Path, rigs: list[Rig]) -> None:
+    rig = held_batch(tmp_path, rigs)
+    calls = rig.sink.write_calls
+    for _ in range(5):  # it looks at the spool again, and only at the spool
+        assert rig.clock.advance_waiter("tagwriter-writer") == FULL_LOOK_INTERVAL
+    assert rig.sink.write_calls == calls and rig.writer.held == 5 and rig.writer.in_outage
+    rig.clock.wait_for_waiter("tagwriter-probe")  # parked: not probing right now
+    rig.sink.come_up()  # the probe's recovery ends the hold: the held batch goes to the database
+    rig.clock.advance_waiter("tagwriter-probe")
+    wait_until(lambda: rig.recovered, what="recovery")
+    wait_until(lambda: rig.metrics.written == 5, what="the held batch written")
+    assert rig.writer.held == 0 and rig.writer.inflight == 0 and rig.sink.write_calls == calls + 1
+    assert rig.metrics.spooled == 5
+    rig.identity()
+
+
+def test_room_in_the_spool_ends_the_hold(tmp_path: Path, rigs: list[Rig]) -> None:
+    rig = held_batch(tmp_path, rigs)
+    calls = rig.sink.write_calls
+    rig.spool.seal()
+    for f in rig.spool.backup.files():  # replayed elsewhere in this process: room again
+        f.unlink()
+        rig.spool.forget(f)
+    assert rig.clock.advance_waiter("tagwriter-writer") == FULL_LOOK_INTERVAL
+    wait_until(lambda: rig.metrics.spooled == 10, what="the held batch spooled")
+    assert rig.writer.held == 0 and rig.writer.in_outage and rig.sink.write_calls == calls
+    rig.identity()
+
+
+def test_stop_spools_a_held_batch_past_the_cap(tmp_path: Path, rigs: list[Rig]) -> None:
+    rig = held_batch(tmp_path, rigs)
+    rig.writer.request_stop()
+    assert rig.writer.join(10.0)
+    assert rig.metrics.spooled == 10 and rig.writer.held == 0
+    assert rig.spooled_rows() == rig.submitted
+    rig.identity()
+
+
+def probe_waits(rig: Rig, n: int) -> list[float]:
+    """Let `n` probes run (each waits, then probes); the waits before them."""
+    waits = []
+    for _ in range(n):
+        calls = rig.sink.probe_calls
+        waits.append(rig.clock.advance_waiter("tagwriter-probe"))
+        wait_until(lambda c=calls: rig.sink.probe_calls == c + 1, what="probe ran")
+    return waits
+
+
 def test_probe_backs_off_to_its_cap_then_recovery_resumes_live_writes(rig: Rig) -> None:
     start(rig)
     go_to_outage(rig)
-    probes = []
-    for _ in range(5):
-        calls = rig.sink.probe_calls
-        probes.append(rig.clock.advance_waiter("tagwriter-probe"))
-        wait_until(lambda c=calls: rig.sink.probe_calls == c + 1, what="probe ran")
+    probes = probe_waits(rig, 5)
     assert probes == [1.0, 2.0, 4.0, 4.0, 4.0]  # doubling, capped at probe_max_interval
     assert rig.writer.in_outage and rig.recovered == []
     rig.sink.come_up()
@@ -341,6 +423,19 @@ def test_probe_backs_off_to_its_cap_then_recovery_resumes_live_writes(rig: Rig) 
     assert rig.sink.write_calls == calls + 1
     assert all((r.tag, r.ts_us) in rig.sink.rows for r in live)
     assert rig.metrics.spooled == 5  # the outage batch stays in the spool for replay
+    rig.identity()
+
+
+def test_probe_waits_are_jittered_below_their_nominal_schedule(tmp_path: Path, rigs: list[Rig]) -> None:
+    """A fleet of gateways must not probe a recovering database in lock-step: each wait is drawn from (80 %, 100 %]."""
+    rig = make_rig(tmp_path, random=_random.Random(5).random)
+    rigs.append(rig)
+    start(rig)
+    go_to_outage(rig)
+    waits = probe_waits(rig, 6)
+    for wait, nominal in zip(waits, [1.0, 2.0, 4.0, 4.0, 4.0, 4.0], strict=True):
+        assert 0.8 * nominal < wait <= nominal
+    assert len(set(waits[2:])) == 4  # at the cap too: no fixed period
     rig.identity()
 
 
@@ -373,14 +468,15 @@ def test_after_a_fatal_error_the_probe_proves_writes_work_before_recovery(tmp_pa
     sink = SqliteSink(db, busy_timeout=1.0)
     spool = Spool(tmp_path / "backup", clock=clock)
     metrics = Metrics(clock)
-    writer = Writer(buffer, sink, spool, metrics, cfg, clock=clock)
+    writer = Writer(buffer, sink, spool, metrics, cfg, clock=clock, random=no_jitter)
     rig = Rig(clock, buffer, sink, spool, metrics, writer)  # type: ignore[arg-type]
     writer.start()
     try:
         rig.submit(5)
         wait_until(lambda: metrics.spooled == 5, what="batch spooled")
         assert metrics.state is WriterState.FAILED and metrics.fatal_errors == 1 and metrics.retries == 0
-        assert "has no column named value" in str(writer.fatal_error)
+        # refused at open by the table check (before: by the first write)
+        assert "column value is missing" in str(writer.fatal_error)
         waits = []
         for _ in range(3):
             waits.append(clock.advance_waiter("tagwriter-probe"))
@@ -389,7 +485,7 @@ def test_after_a_fatal_error_the_probe_proves_writes_work_before_recovery(tmp_pa
         assert writer.in_outage and metrics.state is WriterState.FAILED
         rig.submit(5)
         wait_until(lambda: metrics.spooled == 10, what="second batch spooled at once")
-        assert metrics.batches_failed == 1  # no second write attempt
+        assert metrics.batches_failed == 0  # refused at open: no write attempted, then none by the probe
         clock.wait_for_waiter("tagwriter-probe")  # the last probe ran (and failed) before the fix
         # The operator fixes the table: the next probe recovers; the fatal count stays.
         with sqlite3.connect(db) as conn:
@@ -497,6 +593,21 @@ def test_abandon_takes_the_hung_batch_and_a_late_result_is_ignored(rig: Rig) -> 
     rig.identity()
 
 
+def stop_on_the_clock(pipeline: Pipeline, clock: ManualClock, timeout: float) -> tuple[bool, float]:
+    """`pipeline.stop(timeout)` on a thread while time passes 0.1 s per step; (its result, clock seconds it took)."""
+    t0 = clock.monotonic()
+    result: list[bool] = []
+    stopper = threading.Thread(target=lambda: result.append(pipeline.stop(timeout)))
+    stopper.start()
+    real_end = time.monotonic() + 20
+    while stopper.is_alive():  # time passes only here
+        assert time.monotonic() < real_end, "stop() did not return"
+        clock.advance(0.1)
+        stopper.join(0.01)
+    (ok,) = result
+    return ok, clock.monotonic() - t0
+
+
 def test_pipeline_stop_deadline_with_a_sink_that_blocks_forever(tmp_path: Path) -> None:
     clock = ManualClock()
     sink = MemorySink()
@@ -510,26 +621,19 @@ def test_pipeline_stop_deadline_with_a_sink_that_blocks_forever(tmp_path: Path) 
         rows = [TagValue(f"t{i}", 1_700_000_000_000_000, float(i)) for i in range(7)]
         assert pipeline.submit(rows)
         assert sink.blocked.wait(10)
-        t0 = clock.monotonic()
-        result: list[bool] = []
-        stopper = threading.Thread(target=lambda: result.append(pipeline.stop(2.0)))
-        stopper.start()
-        real_end = time.monotonic() + 20
-        while stopper.is_alive():  # time passes only here: 0.1 s per step
-            assert time.monotonic() < real_end, "stop() did not return"
-            clock.advance(0.1)
-            stopper.join(0.01)
-        assert result == [True]
-        assert clock.monotonic() - t0 >= 2.0  # it did use its deadline to try to flush
+        result, took = stop_on_the_clock(pipeline, clock, 2.0)
+        assert result is True
+        assert took >= 2.0  # it did use its deadline to try to flush
         snap = pipeline.snapshot()
         assert (snap.written, snap.spooled, snap.pending) == (0, 7, 0)
         assert snap.submitted == snap.accounted
-        back = [i.row for f in pipeline.spool.backup.files() for i in read_spool(f) if isinstance(i, SpoolLine)]
+        files = sorted((tmp_path / "backup").glob("tagwriter-*.csv"))
+        back = [i.row for f in files for i in read_spool(f) if isinstance(i, SpoolLine)]
         assert sorted(back) == sorted(rows)
     finally:
         sink.release()
         pipeline.stop(0)
-    assert pipeline.writer.join(10.0)
+    wait_until(lambda: not pipeline.alive, what="the writer thread to end")
 
 
 # -- rows the database rejects, duplicates ---------------------------------------------------
@@ -551,6 +655,75 @@ def test_rejected_rows_are_quarantined_and_batch_mates_commit(rig: Rig) -> None:
     assert text.count("ORA-12899,value too large for column,memory") == 2
     assert rig.spool.backup.files() == []  # not spooled for replay: they would fail again
     rig.identity()
+
+
+class BlockedQuarantine:
+    """Makes `spool.quarantine_rows` block until released (a slow or hung disk)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        real = Spool.quarantine_rows
+
+        def blocking(spool: Spool, rejected: object, source: str = "") -> int:
+            self.entered.set()
+            assert self.release.wait(30), "quarantine never released"
+            return real(spool, rejected, source)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(Spool, "quarantine_rows", blocking)
+
+
+def test_abandon_does_not_wait_for_a_quarantine_write(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quarantine I/O runs outside the writer's lock; the batch stays in flight meanwhile."""
+    blocked = BlockedQuarantine(monkeypatch)
+    start(rig)
+    rig.sink.reject_if(lambda r: r.tag == "t1", code="ORA-12899", message="value too large for column")
+    rows = rig.submit(5)
+    assert blocked.entered.wait(10)
+    assert rig.writer.inflight == 5  # flush() sees it: neither gone nor counted twice
+    rig.writer.abort()
+    taken: list[object] = []
+    taker = threading.Thread(target=lambda: taken.append(rig.writer.abandon()))
+    taker.start()
+    taker.join(5.0)
+    assert not taker.is_alive(), "abandon() waited for the quarantine write"
+    (batch,) = taken
+    assert batch is not None and batch.rows == rows  # type: ignore[attr-defined]
+    rig.metrics.record_spooled(rig.spool.write_rows(rows, force=True))  # what Pipeline.stop does
+    blocked.release.set()
+    assert rig.writer.join(10.0)
+    snap = rig.metrics.snapshot()
+    assert (snap.spooled, snap.written, snap.quarantined) == (5, 0, 0)  # the late result is not counted
+    rig.identity()
+
+
+def test_pipeline_stop_keeps_its_deadline_while_a_quarantine_write_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ManualClock()
+    sink = MemorySink()
+    sink.reject_if(lambda r: r.tag == "t1", code="ORA-12899", message="value too large for column")
+    config = Config(
+        writer=WriterConfig(batch_size=5, flush_interval=1.0),
+        backup=BackupConfig(directory=str(tmp_path / "backup"), quarantine_directory=str(tmp_path / "q")),
+    )
+    blocked = BlockedQuarantine(monkeypatch)
+    pipeline = Pipeline(config, sink=sink, clock=clock).start()
+    try:
+        rows = [TagValue(f"t{i}", 1_700_000_000_000_000, float(i)) for i in range(5)]
+        assert pipeline.submit(rows)
+        assert blocked.entered.wait(10)
+        result, took = stop_on_the_clock(pipeline, clock, 2.0)
+        assert result is True
+        assert 2.0 <= took < 3.0  # it kept its deadline
+        snap = pipeline.snapshot()
+        assert (snap.written, snap.spooled, snap.pending) == (0, 5, 0)
+        assert snap.submitted == snap.accounted
+    finally:
+        blocked.release.set()
+        pipeline.stop(0)
+    wait_until(lambda: not pipeline.alive, what="the writer thread to end")
+    assert pipeline.snapshot().written == 0  # the late result is ignored
 
 
 def test_duplicates_are_counted_as_already_written(rig: Rig) -> None:
