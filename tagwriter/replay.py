@@ -15,32 +15,28 @@ repeated by the next replay.
 
 from __future__ import annotations
 
-import csv
 import logging
-import re
 import shutil
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from itertools import islice
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import TypeVar
 
+from tagwriter.backoff import retry
 from tagwriter.clock import SYSTEM_CLOCK, Clock
-from tagwriter.errors import FatalError, InputError, SinkError, SpoolError, TransientError
-from tagwriter.models import TagValue, parse_ts
+from tagwriter.errors import FatalError, InputError, SinkError, SpoolError
+from tagwriter.models import TagValue
 from tagwriter.sinks.base import Sink, WriteResult
-from tagwriter.spool import PARTIAL, QUARANTINE_HEADER, SPOOL_HEADER, Spool, spool_fields
+from tagwriter.spool import PARTIAL, Spool
+from tagwriter.spoolformat import SpoolReader, rejected_fields
 
 log = logging.getLogger(__name__)
 
 REPLAYED_DIR = "replayed"
 MAX_PROBLEMS = 100  # bad-line messages kept per file report (all are counted and quarantined)
 QUARANTINE_FLUSH = 10_000  # entries held per file before they are written early
-BAD_LINE = "BAD_LINE"
-HEADER_PROBE_LINES = 5  # lines after a wrong header that must look like rows to replay the file
-_UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as read with surrogateescape
 
 T = TypeVar("T")
 Progress = Callable[[Path, int], None]  # (file, lines just processed)
@@ -67,6 +63,8 @@ class FileReport:
     quarantined: int = 0  # rejected by the database
     bad_lines: int = 0
     error: str = ""
+    hint: str = ""  # what to do about `error`
+    fatal: bool = False  # `error` is one retrying cannot fix (the table, the configuration)
     moved_to: Path | None = None
     problems: list[str] = field(default_factory=list)  # the first MAX_PROBLEMS "file:line: reason"
 
@@ -104,240 +102,14 @@ class ReplayReport:
             n = sum(f.status is status for f in self.files)
             if n:
                 parts.append(f"{n} file{'s' * (n != 1)} {status}")
+                if status is FileStatus.FAILED:  # one database error stops them all: say which
+                    parts[-1] += f" ({next(f.error for f in self.files if f.status is status)})"
         if not self.files:
             parts.append("no files")
         return "; ".join(parts)
 
 
-@dataclass(frozen=True, slots=True)
-class BadLine:
-    """A line that is not a valid row. `keep` is what goes to quarantine:
-    (location, reason, raw); a quarantined bad line re-read keeps its original."""
-
-    location: str
-    reason: str
-    keep: tuple[str, str, str]
-
-    def __str__(self) -> str:
-        return f"{self.location}: {self.reason}"
-
-
-# -- reading ---------------------------------------------------------------
-
-
-class SpoolReader:
-    """Reads a spool (or quarantine) file in chunks of rows and bad lines, with line numbers.
-
-    The same verdicts as `spool.read_spool` and the same reasons, plus: a line
-    that is not valid UTF-8 is bad (read_spool would replace the bytes), and a
-    line the csv module cannot split is bad instead of raising. Faster: plain
-    lines are split without the csv module, and a timestamp text equal to the
-    previous line's (a polling group shares one) is not parsed again.
-    A wrong header line is a bad line (line 1) when the next lines read as
-    rows; when they do not, the file is not a tagwriter file: InputError.
-    Bytes that are not UTF-8 go to quarantine as \\xNN escapes.
-    """
-
-    def __init__(self, path: Path | str, *, quarantine: bool = False) -> None:
-        self.path = Path(path)
-        self.quarantine = quarantine
-        expected = QUARANTINE_HEADER if quarantine else SPOOL_HEADER
-        self._header = expected
-        self._width = len(expected)
-        # surrogateescape: bytes that are not UTF-8 stay recoverable (see `visible`).
-        self._file: TextIO = open(self.path, newline="", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
-        self.line = 1  # last line read
-        self.done = False
-        self._last_ts = ""
-        self._last_us = 0
-        self._header_bad: BadLine | None = None  # a wrong header line, reported with the first chunk
-        self.chars = 0  # characters read so far (bytes for ASCII)
-        try:
-            first = self._file.readline()
-            header = next(csv.reader([first]), [])
-            if not first.endswith("\n") and ",".join(expected).startswith(first):
-                # Empty, or the header cut off: a crash before any row was written
-                # (the header reaches the disk with the first rows). No rows to replay.
-                header = list(expected)
-            if tuple(header) != expected:
-                self._wrong_header(first, expected)
-        except (OSError, csv.Error) as exc:
-            self._file.close()
-            raise InputError(f"{self.path}:1", f"cannot read: {exc}") from None
-        except InputError:
-            self._file.close()
-            raise
-        self.chars += len(first)
-
-    def _wrong_header(self, first: str, expected: tuple[str, ...]) -> None:
-        """The first line is not the header: a bad line if the next lines are rows, else refuse the file."""
-        where = self._file.tell()
-        probe = [line for line in islice(self._file, HEADER_PROBE_LINES) if line.strip()]
-        self._file.seek(where)
-        rows = sum(self._is_record(line) for line in probe)
-        shown = visible(first.rstrip("\r\n"))
-        if not probe or rows * 2 < len(probe):
-            kind = "quarantine" if self.quarantine else "spool"
-            raise InputError(
-                f"{self.path}:1",
-                f"not a tagwriter {kind} file (header {shown.strip()[:80]!r}, expected {','.join(expected)!r})",
-            )
-        if self._is_record(first):  # no header at all: line 1 is a row like the others
-            log.warning("%s:1: no header line; the first line is read as a row", self.path)
-            self._file.seek(0)
-            self.line = 0
-            self.chars = -len(first)  # read again as data
-            return
-        reason = f"wrong header {shown[:80]!r}, expected {','.join(expected)!r}"
-        location = f"{self.path}:1"
-        self._header_bad = BadLine(location, reason, (location, reason, shown))
-        self._last_ts = ""  # the probe filled the timestamp cache; harmless, but start clean
-
-    def _is_record(self, raw: str) -> bool:
-        """True if `raw` reads as a row (or, in a quarantine file, as a quarantined bad line)."""
-        verdict = self._verdict(raw, 0)
-        return not isinstance(verdict, BadLine) or verdict.reason.startswith("quarantined bad line")
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> SpoolReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def read(self, max_lines: int) -> tuple[list[TagValue], Sequence[int], list[BadLine]]:
-        """Up to `max_lines` more lines: (rows, their line numbers, bad lines).
-
-        Sets `done` at the end of the file.
-        """
-        if self._header_bad is not None:  # once: the wrong header line comes first
-            header, self._header_bad = self._header_bad, None
-            rows, lines, bad = self._read(max_lines)
-            return rows, lines, [header, *bad]
-        return self._read(max_lines)
-
-    def _read(self, max_lines: int) -> tuple[list[TagValue], Sequence[int], list[BadLine]]:
-        chunk = list(islice(self._file, max_lines))
-        if len(chunk) < max_lines:
-            self.done = True
-        if not chunk:
-            return [], [], []
-        blob = "".join(chunk)
-        first = self.line + 1
-        self.line += len(chunk)
-        self.chars += len(blob)
-        # The hot path: a chunk of plain spool lines (what the spool writes) is
-        # split without the csv module and without per-line checks; any line
-        # it cannot take goes through `_verdict`, which gives the reason.
-        if (self.quarantine or '"' in blob or "\r" in blob or blob[-1] != "\n"
-                or (not blob.isascii() and _UNDECODED.search(blob))):
-            return self._read_checked(chunk, first)
-        rows: list[TagValue] = []
-        append, new_row = rows.append, tuple.__new__
-        last_ts, last_us = self._last_ts, self._last_us
-        bad_at: list[int] = []
-        for i, raw in enumerate(chunk):
-            try:
-                tag, ts, value, quality = raw[:-1].split(",")
-                if ts != last_ts:
-                    last_us = parse_ts(ts)
-                    last_ts = ts
-                if not tag:
-                    raise ValueError
-                append(new_row(TagValue, (tag, last_us, None if value == "" else float(value), int(quality))))
-            except ValueError:
-                bad_at.append(i)
-        self._last_ts, self._last_us = last_ts, last_us
-        if not bad_at:
-            return rows, range(first, first + len(chunk)), []
-        return self._read_checked(chunk, first)  # rare: redo the chunk line by line for the reasons
-
-    def _read_checked(self, chunk: list[str], first: int) -> tuple[list[TagValue], list[int], list[BadLine]]:
-        rows: list[TagValue] = []
-        lines: list[int] = []
-        bad: list[BadLine] = []
-        for lineno, raw in enumerate(chunk, first):
-            verdict = self._verdict(raw, lineno)
-            if isinstance(verdict, BadLine):
-                bad.append(verdict)
-            else:
-                rows.append(verdict)
-                lines.append(lineno)
-        return rows, lines, bad
-
-    def _verdict(self, raw: str, lineno: int) -> TagValue | BadLine:
-        """One line as a row, or as a bad line with its reason."""
-        location = f"{self.path}:{lineno}"
-        if raw[-1] != "\n":
-            reason = "truncated line (no line end)"
-        elif not raw.isascii() and _UNDECODED.search(raw):
-            reason = "not valid UTF-8"
-        else:
-            reason = ""
-            if '"' in raw or "\r" in raw:
-                try:
-                    fields = next(csv.reader([raw]), [])
-                except csv.Error as exc:
-                    fields, reason = [], f"not a CSV line: {exc}"
-            else:
-                fields = raw[:-1].split(",")
-            if reason:
-                pass
-            elif len(fields) != self._width:
-                reason = f"expected {self._width} columns, found {len(fields)}"
-            elif tuple(fields) == self._header:
-                reason = "repeated header line"
-            elif self.quarantine and fields[4] == BAD_LINE and not fields[0]:
-                return BadLine(location, f"quarantined bad line: {fields[5]}", (fields[6], fields[5], fields[7]))
-            else:
-                tag, ts, value, quality = fields[0], fields[1], fields[2], fields[3]
-                if not tag:
-                    reason = "empty tag_name"
-                else:
-                    try:
-                        if ts != self._last_ts:
-                            self._last_us = parse_ts(ts)
-                            self._last_ts = ts
-                    except ValueError:
-                        reason = f"unparsable timestamp {ts!r}"
-                    if not reason:
-                        try:
-                            val = None if value == "" else float(value)
-                        except ValueError:
-                            reason = f"unparsable value {value!r}"
-                    if not reason:
-                        try:
-                            q = int(quality)
-                        except ValueError:
-                            reason = f"unparsable quality {quality!r}"
-                    if not reason:
-                        return TagValue(tag, self._last_us, val, q)
-        return BadLine(location, reason, (location, reason, visible(raw.rstrip("\r\n"))))
-
-
-def visible(text: str) -> str:
-    """`text` with bytes that were not UTF-8 (read with surrogateescape) shown as \\xNN escapes."""
-    if text.isascii() or not _UNDECODED.search(text):
-        return text
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def count_lines(path: Path | str) -> int:
-    """Data lines in a spool file (lines after the header); 0 if unreadable."""
-    n = 0
-    last = b"\n"
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                n += chunk.count(b"\n")
-                last = chunk[-1:]
-    except OSError:
-        return 0
-    if last != b"\n":
-        n += 1  # a last line without its line end
-    return max(0, n - 1)
+# -- which files -----------------------------------------------------------
 
 
 def expand(paths: Iterable[Path | str], *, from_quarantine: bool = False) -> list[Path]:
@@ -431,10 +203,8 @@ class FileReplay:
             r.quarantined += len(result.rejected)
             where = str(self.path)
             for e in result.rejected:
-                self._rejected.append(
-                    (*spool_fields(rows[e.index]), e.code, e.message,
-                     f"{where}:{self._lines[e.index]} {self.source}".rstrip(), "")
-                )
+                self._rejected.append(rejected_fields(
+                    rows[e.index], e.code, e.message, f"{where}:{self._lines[e.index]} {self.source}".rstrip()))
             self._flush_early()
 
     def finish(self, *, delete: bool = False) -> FileReport:
@@ -448,10 +218,13 @@ class FileReplay:
             self.spool.quarantine.seal()  # durable before the file disappears
         if delete:
             self.path.unlink(missing_ok=True)  # missing: replayed by another process meanwhile
+            self.spool.forget(self.path)
             r.status = FileStatus.DELETED
             return r
         target_dir = self.replayed_dir or self.path.parent / REPLAYED_DIR
         r.moved_to = _move(self.path, target_dir)
+        if r.moved_to != self.path:
+            self.spool.forget(self.path)
         r.status = FileStatus.REPLAYED
         return r
 
@@ -578,7 +351,9 @@ class Replayer:
         except SinkError as exc:
             log.warning("replay of %s stopped at line %d: %s; the file stays for a later replay",
                       path, fr.reader.line, exc)
-            return fr.close(str(exc))
+            report = fr.close(str(exc))
+            report.hint, report.fatal = exc.hint, isinstance(exc, FatalError)
+            return report
         except (SpoolError, OSError) as exc:
             log.warning("replay of %s stopped: %s; the file stays for a later replay", path, exc)
             return fr.close(str(exc))
@@ -597,20 +372,12 @@ class Replayer:
 
     def _retrying(self, call: Callable[[], T], what: str) -> T:
         """`call()`, retried after each of `retry_delays` on a TransientError, as live writes are."""
-        attempt = 0
-        while True:
-            try:
-                return call()
-            except FatalError:
-                raise
-            except TransientError as exc:
-                if attempt >= len(self.retry_delays) or self.stop.is_set():
-                    raise
-                delay = self.retry_delays[attempt]
-                log.warning("replay: %s failed (%s); retry %d in %gs", what, exc, attempt + 1, delay)
-                if self.clock.wait(self.stop, delay):
-                    raise
-                attempt += 1
+
+        def failed(exc: Exception, n: int, delay: float | None) -> None:
+            if delay is not None:
+                log.warning("replay: %s failed (%s); retry %d in %gs", what, exc, n, delay)
+
+        return retry(call, self.retry_delays, clock=self.clock, stop=self.stop, on_failure=failed)
 
     def _pace(self, n: int) -> None:
         if self.rate <= 0:

@@ -156,8 +156,8 @@ def test_delete_removes_replayed_files() -> None:
 def test_a_database_that_fails_leaves_the_files_for_a_later_replay() -> None:
     files = spool_files(200)
     Path("blocker").write_text("a file where the database folder should be")
-    env = {"TAGWRITER_WRITER_RETRY_DELAYS": "0.01,0.01"}
-    result = invoke(["replay", *map(str, files)], env={**env, "TAGWRITER_DATABASE_URL": "sqlite:///blocker/x.db"})
+    env = {"TAGWRITER_WRITER__RETRY_DELAYS": "0.01,0.01"}
+    result = invoke(["replay", *map(str, files)], env={**env, "TAGWRITER_DATABASE__URL": "sqlite:///blocker/x.db"})
     assert result.exit_code == 1, result.output
     assert table_row(result.stdout, files[0].name)[6].startswith("FAILED: ")
     assert table_row(result.stdout, files[1].name)[6].startswith("SKIPPED: not attempted")
@@ -213,7 +213,7 @@ def test_dry_run_progress_lines_say_checking_not_replaying() -> None:
 def test_database_option_overrides_the_configured_url() -> None:
     files = spool_files(120)
     result = invoke(["replay", "--database", "sqlite:///other.db", *map(str, files)],
-                    env={"TAGWRITER_DATABASE_URL": "sqlite:///from-env.db"})
+                    env={"TAGWRITER_DATABASE__URL": "sqlite:///from-env.db"})
     assert result.exit_code == 0, result.output
     assert len(db_rows("other.db")) == 120
     assert not Path("from-env.db").exists() and not Path("tagwriter.db").exists()
@@ -242,3 +242,117 @@ def test_quarantine_files_replayed_move_to_the_quarantine_replayed_folder() -> N
     assert sorted(p.name for p in Path("backup/quarantine/replayed").iterdir()) == [q.name for q in qfiles]
     assert sorted(p.name for p in Path("backup/replayed").iterdir()) == [f.name for f in files]  # spool files only
     assert "moved to backup/quarantine/replayed/" in result.stdout
+
+
+# -- the database the files were spooled for (.target) ------------------------------------------
+
+
+def record_target(target: str) -> None:
+    """What `tagwriter run` leaves in the spool folder: the database its files are for."""
+    Path("backup/.target").write_text(target + "\n", encoding="utf-8")
+
+
+def test_replay_goes_to_the_recorded_postgresql_target_by_default() -> None:
+    """Before: 800 rows went into a new ./tagwriter.db, exit 0. Now: into the recorded PostgreSQL database."""
+    from tagwriter.sinks.postgresql import PostgresSink
+    from tests.pg_util import fresh_database
+
+    with fresh_database("tw_replay") as db:
+        PostgresSink(host=db.host, port=db.port, dbname=db.name, user=db.user).create_table()
+        files = spool_files(800)
+        record_target(f"postgresql://{db.user}@{db.host}:{db.port}/{db.name} table tag_values")
+        result = invoke(["replay", "backup"])
+        assert result.exit_code == 0, result.output
+        assert db.count() == 800
+        assert "recorded in backup/.target" in result.stdout
+        assert not Path("tagwriter.db").exists() and not any(f.exists() for f in files)
+
+
+def test_a_configured_or_given_database_other_than_the_recorded_one_is_refused_with_exit_2() -> None:
+    """Before: exit 0 and 300 rows in the other database. Now: exit 2 naming both, nothing written or moved."""
+    files = spool_files(300)
+    record_target(f"sqlite:///{Path('plant.db').resolve()} table tag_values")
+    for args, env in ((["--database", "sqlite:///scratch.db"], {}),
+                      ([], {"TAGWRITER_DATABASE__URL": "sqlite:///scratch.db"})):
+        result = invoke(["replay", *args, "backup"], env=env)
+        assert result.exit_code == 2, result.output
+        assert "spooled for sqlite:///" in result.stderr and "plant.db" in result.stderr
+        assert "scratch.db" in result.stderr and "--ignore-target" in result.stderr
+        assert not Path("scratch.db").exists() and all(f.exists() for f in files)
+    result = invoke(["replay", "--database", "sqlite:///scratch.db", "--ignore-target", "backup"])
+    assert result.exit_code == 0, result.output
+    assert len(db_rows("scratch.db")) == 300 and not Path("plant.db").exists()
+
+
+def test_the_recorded_target_is_used_when_nothing_is_configured_and_matches_a_relative_path() -> None:
+    spool_files(100)
+    record_target("sqlite:///plant.db table tag_values")  # as an earlier version recorded it: relative
+    assert invoke(["replay", "--database", "sqlite:///plant.db", "backup"]).exit_code == 0
+    assert len(db_rows("plant.db")) == 100 and not Path("tagwriter.db").exists()
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+
+def test_replay_into_a_postgresql_database_without_the_table_says_init_db() -> None:
+    """Before: 'run again once the database is reachable'. Now: the table is missing, run init-db."""
+    from tests.pg_util import fresh_database
+
+    with fresh_database("tw_replay") as db:
+        files = spool_files(100)
+        result = invoke(["replay", "--database", db.url(), "backup"])
+        assert result.exit_code == 1, result.output
+        assert "table tag_values does not exist" in result.stderr
+        assert "tagwriter init-db" in result.stderr and "reachable" not in result.stderr
+        assert all(f.exists() for f in files)
+
+
+def test_replay_creates_a_missing_sqlite_table_as_run_does() -> None:
+    with sqlite3.connect("tagwriter.db") as conn:  # the file exists, the table does not
+        conn.execute("CREATE TABLE other (x)")
+    spool_files(100)
+    result = invoke(["replay", "backup"])
+    assert result.exit_code == 0, result.output
+    assert len(db_rows()) == 100
+
+
+def test_a_sqlite_table_without_the_key_is_refused_at_open_with_the_init_db_hint() -> None:
+    """Before: two replays inserted 1,000 rows twice ('0 already in the table'). Now: refused, nothing written."""
+    with sqlite3.connect("tagwriter.db") as conn:
+        conn.execute("CREATE TABLE tag_values (tag_name TEXT NOT NULL, ts TEXT NOT NULL, value REAL, quality INTEGER)")
+    files = spool_files(1000)
+    for _ in range(2):
+        result = invoke(["replay", "backup"])
+        assert result.exit_code == 1, result.output
+        assert "no primary key or unique constraint on (tag_name, ts)" in result.stderr
+        assert "the table needs PRIMARY KEY (tag, ts)" in result.stderr and "reachable" not in result.stderr
+    assert db_rows() == [] and all(f.exists() for f in files)
+
+
+# -- hints ----------------------------------------------------------------------------------------
+
+
+def test_an_empty_folder_says_no_spool_files_not_a_refused_file() -> None:
+    Path("empty").mkdir()
+    result = invoke(["replay", "empty"])
+    assert result.exit_code == 1, result.output
+    assert "no tagwriter-*.csv files in empty" in result.stderr and "refused" not in result.stderr
+
+
+def test_bad_lines_say_they_are_fixed_by_hand_where_and_replay_once_fixed() -> None:
+    files = spool_files(10)
+    with files[0].open("a") as f:
+        f.write("bad,line\n")
+    assert invoke(["replay", "backup"]).exit_code == 1
+    result = invoke(["replay", "--from-quarantine", "backup/quarantine"])
+    assert result.exit_code == 1, result.output
+    [kept] = Path("backup/quarantine").glob("quarantine-*.csv")  # the one left in the folder
+    hint = " ".join(result.stderr.split())
+    assert f"corrected by hand: in {kept}" in hint and "BAD_LINE" in hint
+    assert "after fixing the cause" not in hint
+    lines = kept.read_text().splitlines()
+    assert lines[1].startswith(",,,,BAD_LINE,")
+    kept.write_text(f"{lines[0]}\nfixed.tag,2024-05-01T12:00:00.000000Z,1.5,192{lines[1][3:]}\n")
+    result = invoke(["replay", "--from-quarantine", str(kept)])
+    assert result.exit_code == 0, result.output
+    assert ("fixed.tag", "2024-05-01T12:00:00.000000Z", 1.5, 192) in db_rows()

@@ -8,6 +8,8 @@ import math
 import os
 import re
 import threading
+import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -15,14 +17,10 @@ from clocks import ManualClock
 
 from tagwriter.errors import InputError, SpoolError, SpoolFullError
 from tagwriter.models import TagValue, format_ts
-from tagwriter.spool import (
-    PARTIAL,
-    QUARANTINE_HEADER,
-    SPOOL_HEADER,
-    Spool,
-    SpoolLine,
-    read_spool,
-)
+from tagwriter.replay import replay_files
+from tagwriter.sinks.sqlite import SqliteSink
+from tagwriter.spool import LOOK_INTERVAL, PARTIAL, Spool
+from tagwriter.spoolformat import CHECKED_HEADER, QUARANTINE_HEADER, SpoolLine, read_spool
 
 TS0 = 1_700_000_000_123_456  # µs
 
@@ -57,9 +55,10 @@ def test_file_has_the_header_and_one_line_per_row(tmp_path: Path) -> None:
     spool.seal()
     (path,) = spool.backup.files()
     lines = path.read_text(encoding="utf-8").splitlines()
-    assert lines[0] == ",".join(SPOOL_HEADER) == "tag_name,ts,value,quality"
+    assert lines[0] == ",".join(CHECKED_HEADER) == "tag_name,ts,value,quality,crc32"
     assert len(lines) == 4
-    assert lines[1] == f"t0,{format_ts(TS0)},0.0,192"
+    body = f"t0,{format_ts(TS0)},0.0,192"
+    assert lines[1] == f"{body},{zlib.crc32(body.encode()):08x}"
 
 
 def test_round_trip_is_exact_for_timestamps_floats_and_specials(tmp_path: Path) -> None:
@@ -239,18 +238,78 @@ def test_size_cap_raises_spool_full_and_alerts_loudly_once(tmp_path: Path, caplo
     assert len(read_back(spool)) == written + 3
 
 
-def test_size_cap_clears_when_files_are_moved_away(tmp_path: Path) -> None:
-    clock = ManualClock()
-    spool = Spool(tmp_path / "backup", roll_rows=5, max_bytes=300, clock=clock)
+def full_spool(folder: Path, clock: ManualClock) -> Spool:
+    """A spool filled up to its cap of 300 bytes, its files complete."""
+    spool = Spool(folder, roll_rows=5, max_bytes=300, clock=clock)
     with pytest.raises(SpoolFullError):
         for start in range(0, 1000, 5):
             spool.write_rows(rows(5, start))
     spool.seal()
+    return spool
+
+
+def test_size_cap_clears_when_files_are_moved_away(tmp_path: Path) -> None:
+    clock = ManualClock()
+    spool = full_spool(tmp_path / "backup", clock)
     for f in spool.backup.files():  # what the alert's hint says: replay or move them
         f.rename(tmp_path / f.name)
     clock.advance(1.0)
     assert spool.write_rows(rows(2)) == 2
     assert not spool.backup.full
+
+
+# -- the counts behind stats() -----------------------------------------------------
+
+
+def counted_by_a_scan(folder: Path) -> tuple[int, int]:
+    """(complete and partial spool files, their bytes), by a look at every file."""
+    found = [p for p in folder.glob("tagwriter-*") if p.is_file()]
+    return len(found), sum(p.stat().st_size for p in found)
+
+
+def test_counts_follow_writes_seals_replays_deletes_and_another_process(tmp_path: Path) -> None:
+    """Kept, not scanned per call: this process's changes count at once, another's after the next look."""
+    clock = ManualClock()
+    backup = tmp_path / "backup"
+    spool = Spool(backup, roll_rows=10, clock=clock)
+    assert spool.stats() == (0, 0)
+    for start in range(0, 25, 5):  # two complete files, one open with 5 rows
+        spool.write_rows(rows(5, start))
+    assert spool.stats() == counted_by_a_scan(backup) and spool.stats()[0] == 3
+    spool.seal()
+    assert spool.stats() == counted_by_a_scan(backup) and spool.stats()[0] == 3
+    first, second, third = spool.backup.files()
+    assert replay_files([first], sink=SqliteSink(tmp_path / "tags.db"), spool=spool).ok  # moved to replayed/
+    assert spool.stats() == counted_by_a_scan(backup) and spool.stats()[0] == 2
+    assert replay_files([second], sink=SqliteSink(tmp_path / "tags.db"), spool=spool, delete=True).ok
+    assert spool.stats() == counted_by_a_scan(backup) and spool.stats()[0] == 1
+    assert spool.backup.completed() == (1, third.stat().st_size)
+
+    quiet = time.time_ns() - 10 * 10**9
+    os.utime(backup, ns=(quiet, quiet))  # the folder unchanged for a while: its mtime can be trusted
+    clock.advance(LOOK_INTERVAL)
+    assert spool.backup.refresh()  # counted just after changes: counts again
+    clock.advance(LOOK_INTERVAL)
+    assert not spool.backup.refresh()  # the same mtime: no scan
+    # A `tagwriter replay` in another process, with its own Spool, moves the last file away.
+    assert replay_files([third], sink=SqliteSink(tmp_path / "tags.db"), spool=Spool(backup)).ok
+    assert counted_by_a_scan(backup) == (0, 0)
+    assert not spool.backup.refresh() and spool.stats()[0] == 1  # no look before LOOK_INTERVAL has passed
+    clock.advance(LOOK_INTERVAL)
+    spool.maybe_roll()  # the writer's housekeeping looks: the mtime moved
+    assert spool.stats() == (0, 0)
+
+
+def test_the_cap_uses_the_counts_so_a_replay_frees_it_at_once(tmp_path: Path) -> None:
+    spool = full_spool(tmp_path / "backup", ManualClock())
+    with pytest.raises(SpoolFullError):  # still full; the folder was just looked at
+        spool.write_rows(rows(1))
+    assert spool.backup.folder_bytes() == counted_by_a_scan(tmp_path / "backup")[1] >= 300
+    report = replay_files(spool.backup.files(), sink=SqliteSink(tmp_path / "tags.db"), spool=spool)
+    assert report.ok
+    assert spool.write_rows(rows(2)) == 2  # no clock advance, no new look: the replay told the spool
+    assert not spool.backup.full
+    assert spool.stats() == counted_by_a_scan(tmp_path / "backup")
 
 
 # -- quarantine --------------------------------------------------------------------

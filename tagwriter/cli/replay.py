@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -27,14 +28,18 @@ from tagwriter.cli.common import (
     database_option,
     err_console,
     fail,
+    global_options,
     load_config,
     setup_logging,
 )
+from tagwriter.config import DEFAULT_PATH, Config, DatabaseConfig, env_settings, read_toml
 from tagwriter.logs import configure_logging
-from tagwriter.replay import FileReport, FileStatus, ReplayReport, count_lines, expand, replay_files
+from tagwriter.replay import FileReport, FileStatus, ReplayReport, expand, replay_files
 from tagwriter.replay import Progress as ProgressCallback
 from tagwriter.sinks import create_sink
 from tagwriter.spool import Spool
+from tagwriter.spoolformat import count_lines
+from tagwriter.spooltarget import TARGET_FILE, read_target, sink_target, target_database
 
 PLAIN_EVERY = 5.0  # seconds between plain progress lines
 SHOWN_PROBLEMS = 10  # bad lines printed per file (all are counted and quarantined)
@@ -70,6 +75,11 @@ def replay(
                             help="Write at most this many values per second (0 = as fast as possible).")
     ] = 0.0,
     database: DatabaseOption = None,
+    ignore_target: Annotated[
+        bool, typer.Option("--ignore-target",
+                           help="Replay into the configured or given database although the spool folder's "
+                                ".target records another one.")
+    ] = False,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=1, max=10_000, help="Rows per transaction [writer.batch_size].")
     ] = None,
@@ -77,8 +87,11 @@ def replay(
         bool | None, typer.Option("--progress/--no-progress", help="Progress bar [on a terminal].", show_default=False)
     ] = None,
 ) -> None:
-    """Replay spool (backup) files into the configured database, each value exactly once.
+    """Replay spool (backup) files into the database they were spooled for, each value exactly once.
 
+    The database is the one the spool folder's .target records (written by
+    `tagwriter run`); a configured or given database that differs is refused
+    (exit 2) unless --ignore-target. Without a .target: the configured one.
     Rows already in the table count as duplicates, so a file can be replayed
     again safely. Bad lines and rows the database rejects go to the quarantine
     folder. Exit 0 if every row read was inserted or a duplicate, else 1.
@@ -101,7 +114,8 @@ def replay(
     paths = expand(files, from_quarantine=from_quarantine)
     b = config.backup
     spool = Spool(b.directory, b.quarantine_directory, roll_rows=b.roll_rows, roll_seconds=b.roll_seconds)
-    sink = None if dry_run else create_sink(config.database)
+    sink = None if dry_run else create_sink(_database(ctx, config, paths, given=database,
+                                                      ignore_target=ignore_target, console=console))
 
     def run(progress: ProgressCallback) -> ReplayReport:
         return replay_files(
@@ -125,7 +139,8 @@ def replay(
         report = run(PlainProgress(console, total, "checking" if dry_run else "replaying"))
     _print_report(console, report, spool)
     if not report.ok:
-        raise fail(f"not everything was replayed: {report.reason()}", _hint(report, spool))
+        raise fail(f"not everything was replayed: {report.reason()}",
+                   _hint(report, spool, files, paths, from_quarantine=from_quarantine))
     what = "checked" if dry_run else "replayed"
     console.print(
         f"{what} {len(report.files)} file{'s' * (len(report.files) != 1)}: {report.total('rows_read'):,} rows"
@@ -199,13 +214,82 @@ def _print_report(console: Console, report: ReplayReport, spool: Spool) -> None:
         console.print(f"bad lines and rejected rows were copied to {spool.quarantine_directory}")
 
 
-def _hint(report: ReplayReport, spool: Spool) -> str:
-    if any(f.status in (FileStatus.FAILED, FileStatus.SKIPPED) for f in report.files):
+def _database(
+    ctx: typer.Context, config: Config, paths: list[Path], *, given: str | None, ignore_target: bool, console: Console
+) -> DatabaseConfig:
+    """The database to replay `paths` into: the one their spool folder records, unless one is chosen.
+
+    Exit 2 when folders record different databases, or the configured or
+    `given` one differs from the recorded one (unless `ignore_target`).
+    """
+    recorded: dict[str, list[Path]] = {}
+    for folder in dict.fromkeys(p.parent for p in paths):
+        # a replayed/ or quarantine/ folder holds files of the spool folder above it
+        for where in (folder, folder.parent):
+            if target := read_target(where):
+                recorded.setdefault(target, []).append(where / TARGET_FILE)
+                break
+    chosen = _database_chosen(ctx, given)
+    if not recorded or (ignore_target and chosen):
+        return config.database
+    if len(recorded) > 1:
+        names = "; ".join(f"{t} ({', '.join(map(str, marks))})" for t, marks in recorded.items())
+        raise fail(f"the files were spooled for different databases: {names}",
+                   "replay the files of one spool folder at a time", code=2)
+    [(target, marks)] = recorded.items()
+    configured = sink_target(create_sink(config.database))
+    if configured == target:
+        return config.database
+    if chosen:
+        raise fail(f"the files were spooled for {target} ({marks[0]}), not for {configured} ({chosen})",
+                   f"leave out {'--database' if given else 'the database setting'} to replay into {target}, "
+                   f"or add --ignore-target to replay into {configured} anyway", code=2)
+    db = target_database(target, config.database)
+    if db is None:
+        raise fail(f"the files were spooled for {target} ({marks[0]}), which names no database URL",
+                   "give it with --database URL", code=2)
+    console.print(f"replaying into {target} (recorded in {marks[0]})", markup=False)
+    return db
+
+
+def _database_chosen(ctx: typer.Context, given: str | None) -> str:
+    """Where the database was chosen: '--database', the config file or the variable ('' = the default)."""
+    if given:
+        return "--database"
+    path = global_options(ctx).config_path or (DEFAULT_PATH if DEFAULT_PATH.is_file() else None)
+    section = read_toml(Path(path)).get("database", {}) if path is not None else {}
+    if isinstance(section, dict) and ({"url", "dsn"} & section.keys()):
+        return f"database.url in {path}"
+    for name, key in env_settings(os.environ, lambda message: None).items():
+        if key in (("database", "url"), ("database", "dsn")):
+            return f"environment {name}"
+    return ""
+
+
+def _hint(report: ReplayReport, spool: Spool, given: list[Path], paths: list[Path], *, from_quarantine: bool) -> str:
+    failed = [f for f in report.files if f.status is FileStatus.FAILED]
+    fatal = next((f for f in failed if f.fatal), None)
+    if fatal is not None:  # the table or the configuration: running again changes nothing
+        return (f"{fatal.hint or 'fix the database or the configuration'}; then run the same command again "
+                "(rows already written count as duplicates)")
+    if failed or any(f.status is FileStatus.SKIPPED for f in report.files):
         return ("files that failed or were skipped stay in place: run the same command again once the "
                 "database is reachable (rows already written count as duplicates)")
+    if not report.files:
+        pattern = "quarantine-*.csv" if from_quarantine else "tagwriter-*.csv"
+        return f"no {pattern} files in {', '.join(map(str, given))}: check the path"
     if report.dry_run:
         return "bad lines are quarantined when the files are replayed for real"
-    if report.total("bad_lines") or report.total("quarantined"):
-        return (f"see {spool.quarantine_directory}; after fixing the cause: "
-                f"tagwriter replay --from-quarantine {spool.quarantine_directory}")
+    hints = []
+    if report.total("quarantined"):
+        hints.append(f"rows the database rejected are in {spool.quarantine_directory}; after fixing the cause "
+                     f"(the table or the values): tagwriter replay --from-quarantine {spool.quarantine_directory}")
+    if report.total("bad_lines"):
+        kept = sorted(set(expand([spool.quarantine_directory], from_quarantine=True)) - set(paths))
+        where = ", ".join(map(str, kept)) if kept else str(spool.quarantine_directory)
+        hints.append("bad lines replay only once corrected by hand: in " + where + ", fill in tag_name, ts, "
+                     "value and quality of each BAD_LINE entry (its raw field is the line as read), then "
+                     "tagwriter replay --from-quarantine FILE")
+    if hints:
+        return "; ".join(hints)
     return "a refused file is not a tagwriter spool file; check the path"
