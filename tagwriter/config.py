@@ -1,4 +1,4 @@
-"""The typed configuration tree: defaults < `tagwriter.toml` < `TAGWRITER_*` env < CLI flags.
+"""The typed configuration tree: defaults < `tagwriter.toml` < `TAGWRITER_<SECTION>__<KEY>` env < CLI flags.
 
 Each section is a dataclass; a field's `metadata` says what values are allowed,
 so loading, validation and error messages come from one description. Errors
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,28 @@ from urllib.parse import unquote, urlsplit
 import tomli_w
 
 from tagwriter.errors import ConfigError
+from tagwriter.redact import REDACTED, redact_dsn, redact_url, register_database
+from tagwriter.redact import redact as redact_text
 
 ENV_PREFIX = "TAGWRITER_"
-# Environment variables that are not config keys (the CLI reads them itself).
+# Between section and key: `TAGWRITER_WRITER__BATCH_SIZE`. Kubernetes service links (`TAGWRITER_PORT`,
+# `TAGWRITER_METRICS_SERVICE_HOST`, ...) and unrelated names like `TAGWRITER_HOME` never hold it.
+ENV_SEPARATOR = "__"
+ENV_SCHEME = "TAGWRITER_<SECTION>__<KEY>"
+# The documented password variables keep their names; no service link can be named so (links end
+# in _PORT, _HOST, _PROTO, _ADDR or a port number).
+ENV_ALIASES = {
+    "TAGWRITER_DATABASE_PASSWORD": ("database", "password"),
+    "TAGWRITER_DATABASE_WALLET_PASSWORD": ("database", "wallet_password"),
+}
+# Environment variables that are not config keys (the CLI reads them itself; tests read TAGWRITER_TEST_*).
 ENV_NOT_CONFIG = frozenset({"TAGWRITER_CONFIG"})
+ENV_NOT_CONFIG_PREFIX = ENV_PREFIX + "TEST_"
+SERVICE_LINK = re.compile(r"^(?:tcp|udp|sctp)://", re.IGNORECASE)
 DEFAULT_PATH = Path("tagwriter.toml")
-REDACTED = "***"
 IDENTIFIER = re.compile(r"^[A-Za-z][A-Za-z0-9_$#]{0,127}$")
+
+log = logging.getLogger(__name__)
 
 
 def _opt(default: Any, help: str, **rules: Any) -> Any:
@@ -60,7 +76,7 @@ class SourceConfig:
 class BufferConfig:
     capacity: int = _opt(100_000, "values held in memory at most", min=1, max=50_000_000)
     overflow_policy: str = _opt(
-        "drop-oldest", "when full: drop-oldest, spill (to the spool) or block",
+        "spill", "when full: spill (the oldest to the spool), drop-oldest or block",
         choices=("drop-oldest", "spill", "block"),
     )
     block_timeout: float = _opt(5.0, "block: seconds a submit waits for room", min=0, max=3600)
@@ -155,6 +171,8 @@ class Config:
                     value = REDACTED
                 if redact:
                     value = redact_value(f.name, value)
+                    if isinstance(value, str):  # a known secret copied into any other key
+                        value = redact_text(value)
                 values[f.name] = value
             out[section.name] = values
         return out
@@ -172,12 +190,15 @@ def load(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     origins: Mapping[str, str] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Config:
     """The effective config: defaults, then the file, then env, then `overrides`.
 
     `path=None` reads `./tagwriter.toml` if present. `overrides` maps dotted key
     paths (`writer.batch_size`) to values, as the CLI flags give them;
     `origins` names where each came from (`--batch-size`) for error messages.
+    Environment names are read as `env_settings` says; `warn` (default: the
+    log) hears about the ones that look meant as config but are not.
     Raises ConfigError naming the file:line or key path; a bad value raises
     ConfigValueError, which also says where the value came from.
     """
@@ -188,9 +209,8 @@ def load(
     origin = str(path) if path is not None else "defaults"
     tree = _tree_from_mapping(raw, origin, text)
     env = os.environ if env is None else env
-    for name, text in sorted(env.items()):
-        if name.startswith(ENV_PREFIX) and name not in ENV_NOT_CONFIG and not name.startswith(ENV_PREFIX + "TEST_"):
-            _apply_env(tree, name, text)
+    for name, (section, key) in env_settings(env, warn).items():
+        _apply_env(tree, name, section, key, env[name])
     for dotted, value in (overrides or {}).items():
         if value is not None:
             section, _, key = dotted.partition(".")
@@ -313,20 +333,56 @@ def _set(
     tree[section][key] = _coerce_from(origin, origin_kind, f"{section}.{key}", fields[key], value)
 
 
-def _apply_env(tree: dict[str, dict[str, Any]], name: str, text: str) -> None:
+def env_name(section: str, key: str) -> str:
+    """The environment variable of config key `section.key`: `TAGWRITER_WRITER__BATCH_SIZE`."""
+    return f"{ENV_PREFIX}{section.upper()}{ENV_SEPARATOR}{key.upper()}"
+
+
+def env_settings(env: Mapping[str, str], warn: Callable[[str], None] | None = None) -> dict[str, tuple[str, str]]:
+    """The variables of `env` that set config keys: name -> (section, key), in the order to apply them.
+
+    `TAGWRITER_<SECTION>__<KEY>` (after the password aliases, so it wins over them). Any other
+    `TAGWRITER_*` name is never config and never an error; `warn` (default: the log) is told once
+    per load about a `__` name that is no key, and about a key named in the old `TAGWRITER_SECTION_KEY` way.
+    """
+    say = warn or (lambda message: log.warning("%s", message))
+    keys = {env_name(s, k): (s, k) for s in _sections() for k in _fields(s)}
+    found = {name: ENV_ALIASES[name] for name in ENV_ALIASES if name in env}
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name in ENV_ALIASES or name in ENV_NOT_CONFIG \
+                or name.startswith(ENV_NOT_CONFIG_PREFIX):
+            continue
+        if name.upper() in keys:
+            found[name] = keys[name.upper()]
+        elif ENV_SEPARATOR in name[len(ENV_PREFIX):]:
+            say(f"environment {name}: not a config key{_did_you_mean_env(name, list(keys))}; ignored")
+        elif (old := _old_scheme_key(name)) and not SERVICE_LINK.match(env[name]):
+            say(f"environment {name}: ignored: config variables are named {ENV_SCHEME} now; "
+                f"set {env_name(*old)} for {old[0]}.{old[1]}")
+    return found
+
+
+def _did_you_mean_env(name: str, names: list[str]) -> str:
+    # Compared without the prefix they all share, which would make any two names look close.
+    rest = [n[len(ENV_PREFIX):] for n in names]
+    close = difflib.get_close_matches(name[len(ENV_PREFIX):].upper(), rest, n=1, cutoff=0.6)
+    return f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else f" (names are {ENV_SCHEME})"
+
+
+def _old_scheme_key(name: str) -> tuple[str, str] | None:
+    """(section, key) if `name` names a key the old single-underscore way (`TAGWRITER_WRITER_BATCH_SIZE`)."""
     rest = name[len(ENV_PREFIX):].lower()
-    for section in tree:
-        if rest.startswith(section + "_"):
-            key = rest[len(section) + 1:]
-            fields = _fields(section)
-            if key not in fields:
-                raise ConfigError(
-                    f"environment {name}: unknown key {section}.{key}{_did_you_mean(key, list(fields))}"
-                )
-            parsed = _parse_env(fields[key], text, name)
-            tree[section][key] = _coerce_from(f"environment {name}", "env", f"{section}.{key}", fields[key], parsed)
-            return
-    raise ConfigError(f"environment {name}: no config section matches", hint="use TAGWRITER_SECTION_KEY")
+    for section in _sections():
+        key = rest.removeprefix(section + "_")
+        if key != rest and key in _fields(section):
+            return section, key
+    return None
+
+
+def _apply_env(tree: dict[str, dict[str, Any]], name: str, section: str, key: str, text: str) -> None:
+    f = _fields(section)[key]
+    parsed = _parse_env(f, text, name)
+    tree[section][key] = _coerce_from(f"environment {name}", "env", f"{section}.{key}", f, parsed)
 
 
 def _field_type(f: dataclasses.Field[Any]) -> Any:
@@ -427,8 +483,9 @@ def _check_rules(path: str, f: dataclasses.Field[Any], value: Any) -> None:
 
 
 def validate(config: Config) -> None:
-    """Check invariants between keys; raises ConfigError."""
+    """Check invariants between keys; raises ConfigError. Registers the database secrets for redaction."""
     w, b, d = config.writer, config.buffer, config.database
+    register_database(d)
     if w.batch_size > b.capacity:
         raise ConfigError(
             f"writer.batch_size = {w.batch_size}: must not exceed buffer.capacity = {b.capacity}"
@@ -501,38 +558,6 @@ def parse_url(url: str) -> DatabaseURL:
         port=port,
         name=parts.path.lstrip("/"),
     )
-
-
-SECRET_PARAM = re.compile(r"([?&;][^=&;#]*(?:password|passwd|pwd)[^=&;#]*=)[^&;#]*", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by `***`: in the user info and in query parameters.
-
-    The user info ends at the last '@' (a password may hold '@', '/' or ':').
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:  # not a URL at all (a typo?): still hide what looks like user:password@
-        scheme, rest = "", url
-    if scheme.lower() != "sqlite":  # a file path may hold ':' and '@'
-        userinfo, at, hostpart = rest.rpartition("@")
-        if at and ":" in userinfo:
-            rest = f"{userinfo.partition(':')[0]}:{REDACTED}@{hostpart}"
-    return _redact_params(f"{scheme}{sep}{rest}")
-
-
-def redact_dsn(dsn: str) -> str:
-    """An Oracle connect string with the password of `user/password@...` and password parameters as `***`."""
-    if "://" in dsn:
-        return redact_url(dsn)
-    userinfo, at, rest = dsn.rpartition("@")
-    if at and "/" in userinfo:
-        dsn = f"{userinfo.partition('/')[0]}/{REDACTED}@{rest}"
-    return _redact_params(dsn)
-
-
-def _redact_params(text: str) -> str:
-    return SECRET_PARAM.sub(rf"\1{REDACTED}", text)
 
 
 def redact_value(key: str, value: Any) -> Any:

@@ -10,18 +10,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tagwriter.redact import redact
+
 
 class TagwriterError(Exception):
-    """Base of all tagwriter errors; its message is meant for the operator."""
+    """Base of all tagwriter errors; its message is meant for the operator.
+
+    Message and hint are redacted when the error is made (tagwriter.redact): whatever text a
+    driver or a config value put in them, no known password leaves the process through one.
+    """
 
     hint: str = ""
 
     def __init__(self, message: str, *, hint: str = "", code: str = "") -> None:
+        message = redact(message)
         super().__init__(message)
         self.message = message
         self.code = code
         if hint:
-            self.hint = hint
+            self.hint = redact(hint)
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}" if self.code else self.message
@@ -83,3 +90,7 @@ class RowError:
     index: int
     code: str
     message: str
+
+    def __post_init__(self) -> None:
+        # The driver's message lands in a quarantine file and the log: redacted like any error text.
+        object.__setattr__(self, "message", redact(self.message))

@@ -1,4 +1,4 @@
-"""Logging set-up: module loggers everywhere, configured once here."""
+"""Logging set-up: module loggers everywhere, configured once here; every line redacted (tagwriter.redact)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,17 @@ import logging.handlers
 from pathlib import Path
 
 from tagwriter.errors import ConfigError
+from tagwriter.redact import redact
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class RedactingFormatter(logging.Formatter):
+    """A Formatter whose whole line, traceback included, passes `redact`: a driver's message or a
+    connect string in a log argument cannot write a password to the console or the file."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def configure_logging(
@@ -20,7 +29,7 @@ def configure_logging(
     console: bool = True,
     console_handler: logging.Handler | None = None,
 ) -> None:
-    """Log to the console (stderr, or `console_handler`) and, if `file`, a rotating file.
+    """Log to the console (stderr, or `console_handler`) and, if `file`, a rotating file; both redacted.
 
     Replaces handlers an earlier call installed, so it may be called again.
     Raises ConfigError (and changes nothing) if the file cannot be opened.
@@ -37,7 +46,7 @@ def configure_logging(
             root.removeHandler(handler)
             handler.close()
     for handler in handlers:
-        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.setFormatter(RedactingFormatter(FORMAT))
         handler._tagwriter = True  # type: ignore[attr-defined]
         root.addHandler(handler)
 
@@ -54,3 +63,28 @@ def _file_handler(file: str | Path, max_bytes: int, backup_count: int) -> loggin
             why = f"{why}: a part of the path is a file, not a folder"
         raise ConfigError(f"logging.file = {str(file)!r}: cannot open: {why}",
                           hint="give a file path in a writable folder (--log-file or logging.file)") from None
+
+
+def reopen_log_files() -> int:
+    """Reopen every file the tagwriter log writes to by its name (logrotate moved it); returns how many.
+
+    A file that cannot be opened keeps its old stream, and the error is logged.
+    """
+    reopened = 0
+    for handler in logging.getLogger("tagwriter").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            continue
+        try:
+            stream = handler._open()
+        except OSError as exc:
+            logging.getLogger(__name__).error("cannot reopen the log file %s: %s", handler.baseFilename, exc)
+            continue
+        handler.acquire()
+        try:
+            old, handler.stream = handler.stream, stream
+        finally:
+            handler.release()
+        if old is not None:
+            old.close()
+        reopened += 1
+    return reopened

@@ -41,7 +41,7 @@ def write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
 
 def test_precedence_defaults_file_env_overrides(tmp_path: Path) -> None:
     path = write(tmp_path, "[writer]\nbatch_size = 100\nflush_interval = 2.0\n[buffer]\ncapacity = 5000\n")
-    env = {"TAGWRITER_WRITER_BATCH_SIZE": "200", "TAGWRITER_WRITER_FLUSH_INTERVAL": "3"}
+    env = {"TAGWRITER_WRITER__BATCH_SIZE": "200", "TAGWRITER_WRITER__FLUSH_INTERVAL": "3"}
     c = load(path, env=env, overrides={"writer.batch_size": 300})
     assert c.writer.batch_size == 300  # flag beats env
     assert c.writer.flush_interval == 3.0  # env beats file
@@ -56,7 +56,7 @@ def test_default_path_is_used_when_present(tmp_path: Path) -> None:
 
 
 def test_env_list_and_bool_values(tmp_path: Path) -> None:
-    c = load(None, env={"TAGWRITER_WRITER_RETRY_DELAYS": "0.5, 1,2", "TAGWRITER_BACKUP_AUTO_REPLAY": "off"})
+    c = load(None, env={"TAGWRITER_WRITER__RETRY_DELAYS": "0.5, 1,2", "TAGWRITER_BACKUP__AUTO_REPLAY": "off"})
     assert c.writer.retry_delays == [0.5, 1.0, 2.0]
     assert c.backup.auto_replay is False
 
@@ -78,11 +78,11 @@ ERRORS = [
     ('[database]\nurl = "mysql://x"\n', {}, r"database\.url = 'mysql://x': unknown database kind"),
     ("[writer]\nbatch_size = 10\nflush = [\n", {}, r"c\.toml:3: TOML syntax error"),
     ("[writer]\nbatch_size = = 1\n", {}, r"c\.toml:2: TOML syntax error"),
-    ("", {"TAGWRITER_WRITER_BATCH_SIZE": "many"},
-     r"environment TAGWRITER_WRITER_BATCH_SIZE = 'many': must be an integer"),
-    ("", {"TAGWRITER_WRITER_BATCHSIZE": "5"}, r"environment TAGWRITER_WRITER_BATCHSIZE: unknown key .*did you mean"),
-    ("", {"TAGWRITER_NOPE_X": "5"}, r"environment TAGWRITER_NOPE_X: no config section matches"),
-    ("", {"TAGWRITER_BACKUP_AUTO_REPLAY": "maybe"}, r"TAGWRITER_BACKUP_AUTO_REPLAY = 'maybe': must be true or false"),
+    ("", {"TAGWRITER_WRITER__BATCH_SIZE": "many"},
+     r"environment TAGWRITER_WRITER__BATCH_SIZE = 'many': must be an integer"),
+    ("", {"TAGWRITER_BACKUP__AUTO_REPLAY": "maybe"}, r"TAGWRITER_BACKUP__AUTO_REPLAY = 'maybe': must be true or false"),
+    ("", {"TAGWRITER_METRICS__PORT": "tcp://10.96.0.12:9108"},
+     r"environment TAGWRITER_METRICS__PORT = 'tcp://10\.96\.0\.12:9108': must be an integer"),
 ]
 
 
@@ -184,7 +184,7 @@ def test_config_show_prints_the_merged_config_with_secrets_redacted(tmp_path: Pa
                            "[writer]\nbatch_size = 250\n")
     result = runner.invoke(
         app, ["--config", str(path), "--log-level", "debug", "config", "show"],
-        env={"TAGWRITER_DATABASE_PASSWORD": "envsecret", "TAGWRITER_BUFFER_CAPACITY": "9000"},
+        env={"TAGWRITER_DATABASE_PASSWORD": "envsecret", "TAGWRITER_BUFFER__CAPACITY": "9000"},
     )
     assert result.exit_code == 0, result.output
     for secret in ("filepass", "envsecret", "w4llet"):
@@ -197,7 +197,7 @@ def test_config_show_prints_the_merged_config_with_secrets_redacted(tmp_path: Pa
     assert data["buffer"]["capacity"] == 9000  # env
     assert data["logging"]["level"] == "DEBUG"  # global flag
     assert data["writer"]["shutdown_timeout"] == 10.0  # default
-    assert result.stdout.startswith(f"# effective config: {path} + environment TAGWRITER_BUFFER_CAPACITY, ")
+    assert result.stdout.startswith(f"# effective config: {path} + environment TAGWRITER_BUFFER__CAPACITY, ")
 
 
 def test_config_show_without_a_file_says_defaults() -> None:
@@ -224,7 +224,7 @@ def test_config_validate_ok_and_path_argument(tmp_path: Path) -> None:
 
 def test_config_validate_applies_the_environment(tmp_path: Path) -> None:
     path = write(tmp_path, "[buffer]\ncapacity = 1000\n")
-    result = runner.invoke(app, ["config", "validate", str(path)], env={"TAGWRITER_WRITER_BATCH_SIZE": "5000"})
+    result = runner.invoke(app, ["config", "validate", str(path)], env={"TAGWRITER_WRITER__BATCH_SIZE": "5000"})
     assert result.exit_code == 1
     assert "writer.batch_size = 5000: must not exceed buffer.capacity = 1000" in result.stderr
 
@@ -296,7 +296,7 @@ dsn = "scott/dsn@pw@dbhost/orclpdb"
 def test_config_show_and_validate_never_print_url_or_dsn_passwords(tmp_path: Path) -> None:
     path = write(tmp_path, SECRET_CONFIG)
     for args in (["config", "show"], ["config", "validate"], ["run", "--duration", "0.1"]):
-        result = runner.invoke(app, ["--config", str(path), *args], env={"TAGWRITER_WRITER_BATCH_SIZE": "0"})
+        result = runner.invoke(app, ["--config", str(path), *args], env={"TAGWRITER_WRITER__BATCH_SIZE": "0"})
         assert result.exit_code == 1  # the env error: the URL and dsn are parsed (and shown) first
         for secret in ("p@ss", "w0rd", "qp4ss", "dsn@pw", "pw@"):
             assert secret not in result.output, (args, result.output)
@@ -336,8 +336,8 @@ def test_a_bad_value_in_an_inline_table_names_the_file(tmp_path: Path) -> None:
 
 def test_a_bad_value_names_its_environment_variable(tmp_path: Path) -> None:
     with pytest.raises(config_mod.ConfigValueError) as info:
-        load(None, env={"TAGWRITER_WRITER_BATCH_SIZE": "0"})
-    assert str(info.value) == ("environment TAGWRITER_WRITER_BATCH_SIZE: "
+        load(None, env={"TAGWRITER_WRITER__BATCH_SIZE": "0"})
+    assert str(info.value) == ("environment TAGWRITER_WRITER__BATCH_SIZE: "
                                "writer.batch_size = 0: must be between 1 and 10000")
     assert (info.value.key, info.value.origin) == ("writer.batch_size", "env")
 
@@ -347,6 +347,99 @@ def test_a_bad_override_names_its_origin(tmp_path: Path) -> None:
         load(None, env={}, overrides={"writer.batch_size": 0}, origins={"writer.batch_size": "--batch-size"})
     assert str(info.value) == "--batch-size: writer.batch_size = 0: must be between 1 and 10000"
     assert info.value.origin == "flag"
+
+
+# -- the environment scheme: TAGWRITER_<SECTION>__<KEY> -------------------------------
+
+# What Kubernetes injects into every pod of a namespace with Services `tagwriter` and `tagwriter-metrics`,
+# plus an unrelated variable of the same prefix.
+KUBERNETES_ENV = {
+    "TAGWRITER_PORT": "tcp://10.96.0.12:9108",
+    "TAGWRITER_PORT_9108_TCP": "tcp://10.96.0.12:9108",
+    "TAGWRITER_PORT_9108_TCP_PROTO": "tcp",
+    "TAGWRITER_PORT_9108_TCP_PORT": "9108",
+    "TAGWRITER_PORT_9108_TCP_ADDR": "10.96.0.12",
+    "TAGWRITER_SERVICE_HOST": "10.96.0.12",
+    "TAGWRITER_SERVICE_PORT": "9108",
+    "TAGWRITER_METRICS_PORT": "tcp://10.96.0.13:9108",
+    "TAGWRITER_METRICS_PORT_9108_TCP": "tcp://10.96.0.13:9108",
+    "TAGWRITER_METRICS_SERVICE_HOST": "10.96.0.13",
+    "TAGWRITER_METRICS_SERVICE_PORT": "9108",
+    "TAGWRITER_HOME": "/x",
+}
+
+
+def test_kubernetes_service_links_are_not_config() -> None:
+    heard: list[str] = []
+    assert load(None, env=KUBERNETES_ENV, warn=heard.append) == Config()
+    assert heard == []
+
+
+def test_kubernetes_service_links_do_not_stop_the_commands(tmp_path: Path) -> None:
+    path = write(tmp_path, '[database]\nurl = "sqlite:///x.db"\n')
+    env = {**KUBERNETES_ENV, "TAGWRITER_WRITER__BATCH_SIZE": "250"}
+    result = runner.invoke(app, ["config", "validate", str(path)], env=env)
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    assert result.stdout.startswith(f"ok: {path}") and "is valid (database sqlite:///x.db" in result.stdout
+    shown = runner.invoke(app, ["config", "show", str(path)], env=env)
+    assert (shown.exit_code, shown.stderr) == (0, ""), shown.output
+    data = tomllib.loads(shown.stdout)
+    assert data["writer"]["batch_size"] == 250 and data["metrics"]["port"] == 0
+    ran = runner.invoke(app, ["--config", str(path), "run", "--duration", "0.2", "--no-panel"], env=env)
+    assert ran.exit_code == 0, ran.output
+    assert "TAGWRITER_" not in ran.stderr
+
+
+def test_a_name_that_is_no_key_warns_with_did_you_mean_and_goes_on(tmp_path: Path) -> None:
+    heard: list[str] = []
+    env = {"TAGWRITER_WRITER__BATCHSIZE": "5", "TAGWRITER_WRITR__BATCH_SIZE": "5", "TAGWRITER_NOPE__X": "5"}
+    assert load(None, env=env, warn=heard.append) == Config()
+    suggestion = "(did you mean TAGWRITER_WRITER__BATCH_SIZE?); ignored"
+    assert heard == [
+        "environment TAGWRITER_NOPE__X: not a config key (names are TAGWRITER_<SECTION>__<KEY>); ignored",
+        f"environment TAGWRITER_WRITER__BATCHSIZE: not a config key {suggestion}",
+        f"environment TAGWRITER_WRITR__BATCH_SIZE: not a config key {suggestion}",
+    ]
+    result = runner.invoke(app, ["config", "validate"], env={"TAGWRITER_WRITER__BATCHSIZE": "5"})
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ("warning: environment TAGWRITER_WRITER__BATCHSIZE: not a config key "
+                             "(did you mean TAGWRITER_WRITER__BATCH_SIZE?); ignored\n")
+
+
+def test_a_key_in_the_old_single_underscore_scheme_warns_with_its_new_name(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="tagwriter.config"):
+        c = load(None, env={"TAGWRITER_DATABASE_URL": "sqlite:///old.db", "TAGWRITER_METRICS_PORT": "9464"})
+    assert c == Config()  # never read as config: TAGWRITER_METRICS_PORT is also what a Service link is named
+    assert [r.getMessage() for r in caplog.records] == [
+        "environment TAGWRITER_DATABASE_URL: ignored: config variables are named TAGWRITER_<SECTION>__<KEY> now; "
+        "set TAGWRITER_DATABASE__URL for database.url",
+        "environment TAGWRITER_METRICS_PORT: ignored: config variables are named TAGWRITER_<SECTION>__<KEY> now; "
+        "set TAGWRITER_METRICS__PORT for metrics.port",
+    ]
+
+
+def test_every_key_has_a_double_underscore_name() -> None:
+    env = {config_mod.env_name(*key.split(".")): str(toml_default).strip('"').strip("[]")
+           for key, toml_default, _ in config_mod.describe()}
+    assert "TAGWRITER_BACKUP__QUARANTINE_DIRECTORY" in env
+    heard: list[str] = []
+    assert load(None, env=env, warn=heard.append) == Config() and heard == []
+    assert load(None, env={"TAGWRITER_METRICS__PORT": "9464"}).metrics.port == 9464
+
+
+def test_password_variables_keep_their_names() -> None:
+    env = {"TAGWRITER_DATABASE_PASSWORD": "pw", "TAGWRITER_DATABASE_WALLET_PASSWORD": "wpw"}
+    c = load(None, env=env)
+    assert (c.database.password, c.database.wallet_password) == ("pw", "wpw")
+    both = load(None, env={**env, "TAGWRITER_DATABASE__PASSWORD": "pw2"})
+    assert both.database.password == "pw2"  # the scheme's own name wins
+
+
+def test_test_and_cli_variables_are_never_config() -> None:
+    heard: list[str] = []
+    env = {"TAGWRITER_TEST_ORACLE_URL": "oracle://u:p@h/s", "TAGWRITER_TEST_ORACLE_PASSWORD": "p",
+           "TAGWRITER_TEST_PG_ADMIN": "host=x", "TAGWRITER_TEST__WRITER": "1", "TAGWRITER_CONFIG": "elsewhere.toml"}
+    assert load(None, env=env, warn=heard.append) == Config() and heard == []
 
 
 # -- files that cannot be used ---------------------------------------------------------
@@ -372,7 +465,7 @@ def test_a_log_file_that_cannot_be_opened_is_a_config_error(tmp_path: Path) -> N
             configure_logging("INFO", bad)
         for args in (["--log-file", str(bad), "run", "--duration", "0.1"],
                      ["config", "show"]):
-            env = {"TAGWRITER_LOGGING_FILE": str(bad)} if args[0] == "config" else {}
+            env = {"TAGWRITER_LOGGING__FILE": str(bad)} if args[0] == "config" else {}
             result = runner.invoke(app, args, env=env)
             if args[0] == "config":
                 assert result.exit_code == 0  # config show opens no log

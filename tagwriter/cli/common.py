@@ -19,6 +19,7 @@ from tagwriter import config as config_mod
 from tagwriter.config import Config, ConfigValueError, DatabaseURL, parse_url
 from tagwriter.errors import ConfigError, TagwriterError
 from tagwriter.logs import configure_logging
+from tagwriter.redact import redact, redact_tree
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -98,7 +99,7 @@ def load_config(ctx: typer.Context, overrides: Mapping[str, Any] | None = None) 
             merged[key] = value
             origins.setdefault(key, flag_name(ctx, key))
     try:
-        return config_mod.load(opts.config_path, overrides=merged, origins=origins)
+        return config_mod.load(opts.config_path, overrides=merged, origins=origins, warn=warn)
     except ConfigValueError as exc:
         if exc.origin == "flag":
             raise fail(str(exc), exc.hint, code=2) from None
@@ -123,12 +124,17 @@ def setup_logging(config: Config, *, console: bool = True) -> None:
 
 
 def fail(message: str, hint: str = "", code: int = 1) -> typer.Exit:
-    """Print one clear error line (and a hint) to stderr; return the Exit to raise."""
+    """Print one clear error line (and a hint) to stderr, redacted; return the Exit to raise."""
     # Messages quote config text such as `[writr]`: escape it so Rich markup cannot eat it.
-    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(redact(message))}", markup=True, highlight=False)
     if hint:
-        err_console.print(f"[dim]hint:[/] {escape(hint)}", markup=True, highlight=False)
+        err_console.print(f"[dim]hint:[/] {escape(redact(hint))}", markup=True, highlight=False)
     return typer.Exit(code=code)
+
+
+def warn(message: str) -> None:
+    """Print one warning line to stderr (before logging is set up: a stray environment variable)."""
+    err_console.print(f"[yellow]warning:[/] {escape(redact(message))}", markup=True, highlight=False)
 
 
 def boundary(func: Callable[P, R]) -> Callable[P, R]:
@@ -190,9 +196,9 @@ def parse_url_safely(url: str) -> DatabaseURL:
 
 
 def write_json_report(report: Mapping[str, Any], path: Path, console: Console) -> None:
-    """Write a command's report as JSON (for CI artifacts); a clear error if it cannot."""
+    """Write a command's report as JSON (for CI artifacts), every string redacted; a clear error if it cannot."""
     try:
-        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(redact_tree(report), indent=2) + "\n", encoding="utf-8")
     except OSError as exc:
         raise fail(f"--json {path}: cannot write: {exc.strerror}") from None
     console.print(f"report written to {path}", markup=False, highlight=False)

@@ -12,6 +12,7 @@ import typer
 from tagwriter import config as config_mod
 from tagwriter.cli.common import boundary, fail, global_options, load_config
 from tagwriter.config import Config
+from tagwriter.service import check_folders
 
 config_app = typer.Typer(
     help="Write, print and check the configuration file (tagwriter.toml).\n\n"
@@ -22,8 +23,8 @@ config_app = typer.Typer(
 
 HEADER = """\
 # tagwriter configuration, written by `tagwriter config init`.
-# Precedence: command-line flags > environment TAGWRITER_SECTION_KEY
-# (e.g. TAGWRITER_WRITER_BATCH_SIZE=1000) > this file > built-in defaults.
+# Precedence: command-line flags > environment TAGWRITER_<SECTION>__<KEY>
+# (e.g. TAGWRITER_WRITER__BATCH_SIZE=1000) > this file > built-in defaults.
 # Keep the database password out of this file: set TAGWRITER_DATABASE_PASSWORD.
 # Check it with: tagwriter config validate
 """
@@ -71,11 +72,12 @@ def show(ctx: typer.Context, path: PathArg = None) -> None:
 @config_app.command("validate")
 @boundary
 def validate(ctx: typer.Context, path: PathArg = None) -> None:
-    """Check a config file with the environment applied; exit 0 if valid, else 1 with the error.
+    """Check a config file with the environment applied, and that its folders take files; exit 0 if valid, else 1.
 
     Example: tagwriter config validate examples/oracle.toml
     """
     config = _load(ctx, path)
+    check_folders(config)  # a folder that takes no files is found now, not at the first outage
     db = config_mod.redact_url(config.database.url)
     typer.echo(f"ok: {_origin(ctx, path)} is valid (database {db}, source {config.source.kind})")
 
@@ -92,11 +94,7 @@ def _origin(ctx: typer.Context, path: Path | None) -> str:
     if chosen is None and config_mod.DEFAULT_PATH.is_file():
         chosen = config_mod.DEFAULT_PATH
     parts = [str(chosen) if chosen is not None else "built-in defaults"]
-    env = sorted(
-        n for n in os.environ
-        if n.startswith(config_mod.ENV_PREFIX) and n not in config_mod.ENV_NOT_CONFIG
-        and not n.startswith(config_mod.ENV_PREFIX + "TEST_")
-    )
+    env = sorted(config_mod.env_settings(os.environ, warn=lambda _message: None))
     if env:
         parts.append("environment " + ", ".join(env))
     return " + ".join(parts)
