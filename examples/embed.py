@@ -1,7 +1,7 @@
 """Embed tagwriter in an existing polling loop: hand each poll over through a queue.Queue.
 
-Your loop keeps its own timing and driver; `pipeline.consume(q)` starts a
-thread that submits every `PollingData` put on `q`. Putting on the queue never
+Your loop keeps its own timing and driver; `QueueConsumer(q).start(pipeline)`
+starts a thread that submits every `PollingData` put on `q`. Putting on the queue never
 waits on the database: the pipeline buffers, batches, retries, and spools to
 backup files while the database is away.
 
@@ -19,6 +19,7 @@ import sys
 import time
 
 from tagwriter import Pipeline, PollingData, load_config
+from tagwriter.sources.upstream import QueueConsumer
 
 TAGS = [f"line1.motor{i}.{what}" for i in range(1, 6) for what in ("speed", "current", "temp")]
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     polls: queue.Queue[PollingData | None] = queue.Queue(maxsize=1000)
 
     with Pipeline(config) as pipeline:
-        pipeline.consume(polls)
+        QueueConsumer(polls).start(pipeline)  # pipeline.stop() stops it first
         next_poll = time.monotonic()
         for cycle in range(args.polls):
             # The timestamp is the time of the poll, in UTC (epoch seconds or a datetime).

@@ -1,4 +1,4 @@
-"""The HTTP metrics endpoint: JSON, Prometheus text and a health check.
+"""The HTTP metrics endpoint: JSON, Prometheus text, probes and a health check.
 
     server = MetricsServer(pipeline, "127.0.0.1", 0).start()   # 0 = an ephemeral port
     ... server.port ...
@@ -8,14 +8,21 @@ Paths (GET or HEAD; anything else 404 / 405):
 - `/api/buffer/metrics`: `MetricsSnapshot.as_dict()` as JSON (field names are
   the snapshot's; units are in the names: `_s` seconds, `_pct` percent).
 - `/metrics`: the same figures in the Prometheus text format (prometheus_client).
-- `/healthz`: 200 `ok: writing`, or 503 with the reason (see `health`).
+- `/livez`: 200 while the process and its worker threads are alive and the
+  writer loop ticks (a liveness probe); 503 means only a restart helps.
+  Independent of the database: an outage is live.
+- `/readyz`: 200 while values are taken without loss, written or spooled (a
+  readiness probe): an outage with room in the spool is ready.
+- `/healthz`: for people: 200 `ok: writing`, or 503 with the reason (see
+  `health`), an outage included. A database outage is an alert (`/metrics`,
+  `tagwriter_writer_state`), never a probe failure: probes use `/livez` and `/readyz`.
 
 The server runs in one daemon thread, answers each request in its own daemon
 thread and never blocks the writer beyond the metrics lock a snapshot takes.
 A rendered response is reused for RENDER_TTL (concurrent scrapers share one
 snapshot) and accepts are paced (MIN_INTERVAL), so a client asking back to
 back cannot take the writer's CPU. Requests are logged at DEBUG
-only. `fetch_status` is the client side, used by `tagwriter status`.
+only. The client side, used by `tagwriter status`, is `tagwriter.cli.status_client`.
 """
 
 from __future__ import annotations
@@ -26,10 +33,7 @@ import math
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
@@ -43,15 +47,21 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from tagwriter import __version__
-from tagwriter.errors import ConfigError, TagwriterError
-from tagwriter.metrics import LATENCY_BOUNDS, LatencyHistogram, Metrics, MetricsSnapshot, WriterState
+from tagwriter._version import __version__
+from tagwriter.errors import ConfigError
+from tagwriter.metrics import LATENCY_BOUNDS, LatencyHistogram, MetricsSnapshot, WriterState
 
 log = logging.getLogger(__name__)
 
 JSON_PATH = "/api/buffer/metrics"
 PROMETHEUS_PATH = "/metrics"
 HEALTH_PATH = "/healthz"
+LIVE_PATH = "/livez"
+READY_PATH = "/readyz"
+PATHS = (JSON_PATH, PROMETHEUS_PATH, LIVE_PATH, READY_PATH, HEALTH_PATH)
+
+#: A probe's verdict: (passes, one-line reason).
+Check = Callable[[], tuple[bool, str]]
 
 # Histogram bounds exposed to Prometheus: decades and half-decades from 1 ms,
 # taken from LATENCY_BOUNDS itself so every cumulative bucket count is exact.
@@ -79,26 +89,16 @@ UNHEALTHY_STATES = {
 }
 
 
-class EndpointUnreachable(TagwriterError):
-    """The metrics endpoint did not answer, or did not answer like tagwriter."""
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteStatus:
-    """What a running instance's endpoint reported: its snapshot and its health."""
-
-    url: str
-    snapshot: MetricsSnapshot
-    healthy: bool
-    reason: str
-
-
 class MetricsSource(Protocol):
     """What the endpoint reads: a `Pipeline` fits."""
 
-    metrics: Metrics
-
     def snapshot(self) -> MetricsSnapshot: ...
+
+    def latency_histogram(self) -> LatencyHistogram: ...
+
+    def liveness(self) -> tuple[bool, str]: ...
+
+    def readiness(self) -> tuple[bool, str]: ...
 
 
 def health(snapshot: MetricsSnapshot, max_buffer_pct: float) -> tuple[bool, str]:
@@ -146,7 +146,7 @@ class SnapshotCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         s = self.source.snapshot()
         yield from snapshot_families(s)
-        yield latency_histogram(self.source.metrics.cumulative_latency())
+        yield latency_histogram(self.source.latency_histogram())
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
@@ -205,6 +205,7 @@ def snapshot_families(s: MetricsSnapshot) -> Iterator[Metric]:
     yield _gauge("tagwriter_backup_files", "Spool (backup) files, the open one included.", s.backup_files)
     yield _gauge("tagwriter_backup_bytes", "Size of the spool (backup) folder.", s.backup_bytes)
     yield _gauge("tagwriter_spool_full", "1 if the spool reached backup.max_bytes.", 1.0 if s.spool_full else 0.0)
+    yield _gauge("tagwriter_held_spool_full", "Values held in memory because the spool is full.", s.held_spool_full)
     yield _gauge("tagwriter_backlog_rows", "Spooled rows waiting to be replayed.", s.backlog_rows)
     yield _gauge("tagwriter_backlog_files", "Spool files waiting to be replayed.", s.backlog_files)
     yield _gauge("tagwriter_drain_rate_values_per_second", "Spool replay rate.", s.drain_rate_per_s)
@@ -278,14 +279,18 @@ class _Handler(BaseHTTPRequestHandler):
                 status, body, ctype = HTTPStatus.OK, snapshot_json(app.source.snapshot()), "application/json"
             elif path == PROMETHEUS_PATH:
                 status, body, ctype = HTTPStatus.OK, generate_latest(app.registry), CONTENT_TYPE_LATEST
+            elif path == LIVE_PATH:
+                status, body, ctype = _verdict(*app.liveness(), failed="not live")
+            elif path == READY_PATH:
+                status, body, ctype = _verdict(*app.readiness(), failed="not ready")
             elif path == HEALTH_PATH:
-                ok, reason = health(app.source.snapshot(), app.health_max_buffer_pct)
-                status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
-                body = f"{'ok' if ok else 'unhealthy'}: {reason}\n".encode()
-                ctype = "text/plain; charset=utf-8"
+                ok, reason = app.liveness()  # a dead thread first: the state may not show it
+                if ok:
+                    ok, reason = health(app.source.snapshot(), app.health_max_buffer_pct)
+                status, body, ctype = _verdict(ok, reason, failed="unhealthy")
             else:
                 status, ctype = HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8"
-                body = f"not found; paths: {JSON_PATH} {PROMETHEUS_PATH} {HEALTH_PATH}\n".encode()
+                body = f"not found; paths: {' '.join(PATHS)}\n".encode()
         except Exception as exc:  # a bug in reading metrics must not kill the server
             log.exception("metrics endpoint: %s failed", path)
             status, body, ctype = HTTPStatus.INTERNAL_SERVER_ERROR, f"error: {exc}\n".encode(), "text/plain"
@@ -313,6 +318,12 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
 
+def _verdict(ok: bool, reason: str, *, failed: str) -> tuple[HTTPStatus, bytes, str]:
+    """200 `ok: <reason>`, or 503 `<failed>: <reason>`, as plain text."""
+    status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
+    return status, f"{'ok' if ok else failed}: {reason}\n".encode(), "text/plain; charset=utf-8"
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # an in-flight request never holds up the exit
     block_on_close = False  # server_close() must not wait for in-flight requests
@@ -325,13 +336,20 @@ class _Server(ThreadingHTTPServer):
 
 
 class MetricsServer:
-    """Serves `source` over HTTP from a daemon thread. `start()` binds; `stop(timeout)` is bounded."""
+    """Serves `source` over HTTP from a daemon thread. `start()` binds; `stop(timeout)` is bounded.
+
+    `liveness` and `readiness` answer `/livez` and `/readyz` (default: the
+    source's own); the service passes checks that cover its source thread too.
+    """
 
     def __init__(
         self, source: MetricsSource, host: str = "127.0.0.1", port: int = 0, *,
         health_max_buffer_pct: float = 80.0, min_interval: float = MIN_INTERVAL, render_ttl: float = RENDER_TTL,
+        liveness: Check | None = None, readiness: Check | None = None,
     ) -> None:
         self.source = source
+        self.liveness: Check = liveness or source.liveness
+        self.readiness: Check = readiness or source.readiness
         self.min_interval = min_interval
         self.render_ttl = render_ttl
         self.renders = 0  # responses rendered (not served from the cache)
@@ -356,7 +374,7 @@ class MetricsServer:
                 return hit[1]
             rendered = _Handler.render(self, path)
             self.renders += 1
-            if path in (JSON_PATH, PROMETHEUS_PATH, HEALTH_PATH):
+            if path in PATHS:
                 self._cache[path] = (now, rendered)
             return rendered
 
@@ -400,7 +418,7 @@ class MetricsServer:
         self._stop.clear()
         self._thread = threading.Thread(target=self._serve, name="tagwriter-metrics-http", daemon=True)
         self._thread.start()
-        log.info("metrics endpoint on %s (%s, %s, %s)", self.url, JSON_PATH, PROMETHEUS_PATH, HEALTH_PATH)
+        log.info("metrics endpoint on %s (%s)", self.url, ", ".join(PATHS))
         return self
 
     def _serve(self) -> None:
@@ -436,70 +454,3 @@ class MetricsServer:
             log.warning("metrics endpoint thread did not end within %gs (a daemon: it will not block the exit)",
                         timeout)
         return ended
-
-
-# -- the client side: `tagwriter status` ---------------------------------------
-
-UNREACHABLE_HINT = "is `tagwriter run` running with metrics.port set (or --metrics-port)? else pass --url http://HOST:PORT"
-
-
-def normalize_url(url: str) -> str:
-    """`host:port` or `http://host:port/` -> `http://host:port`."""
-    url = url.strip().rstrip("/")
-    return url if "://" in url else f"http://{url}"
-
-
-def fetch_status(url: str, timeout: float = 2.0) -> RemoteStatus:
-    """Read a running instance's snapshot and health; raises EndpointUnreachable.
-
-    Every request is bounded by `timeout` seconds.
-    """
-    base = normalize_url(url)
-    status, body = _http_get(base + JSON_PATH, timeout, base)
-    if status != 200:
-        raise EndpointUnreachable(f"{base}{JSON_PATH} answered HTTP {status}: not a tagwriter metrics endpoint",
-                                  hint=UNREACHABLE_HINT)
-    snapshot = snapshot_from_json(body, base + JSON_PATH)
-    status, body = _http_get(base + HEALTH_PATH, timeout, base)
-    if status not in (200, 503):
-        raise EndpointUnreachable(f"{base}{HEALTH_PATH} answered HTTP {status}: not a tagwriter metrics endpoint",
-                                  hint=UNREACHABLE_HINT)
-    text = body.decode("utf-8", "replace").strip()
-    reason = text.split(": ", 1)[1] if ": " in text else text
-    return RemoteStatus(base, snapshot, status == 200, reason)
-
-
-def snapshot_from_json(body: bytes, where: str) -> MetricsSnapshot:
-    """Rebuild a MetricsSnapshot from the JSON; fields it does not know are ignored."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        raise EndpointUnreachable(f"{where}: the answer is not a JSON object", hint=UNREACHABLE_HINT)
-    known = {f.name for f in fields(MetricsSnapshot)}
-    try:
-        return MetricsSnapshot(**{k: v for k, v in data.items() if k in known})
-    except TypeError as exc:
-        raise EndpointUnreachable(f"{where}: not a tagwriter snapshot ({exc})", hint=UNREACHABLE_HINT) from None
-
-
-def _http_get(url: str, timeout: float, base: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return int(resp.status), resp.read()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return int(exc.code), exc.read()
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        if isinstance(reason, TimeoutError):
-            why = f"no answer within {timeout:g}s"
-        else:
-            why = str(getattr(reason, "strerror", None) or reason)
-        raise EndpointUnreachable(f"cannot reach {base}: {why}", hint=UNREACHABLE_HINT) from None
-    except TimeoutError:
-        why = f"no answer within {timeout:g}s"
-        raise EndpointUnreachable(f"cannot reach {base}: {why}", hint=UNREACHABLE_HINT) from None
-    except (OSError, ValueError) as exc:  # reset connection, malformed URL
-        raise EndpointUnreachable(f"cannot reach {base}: {exc}", hint=UNREACHABLE_HINT) from None

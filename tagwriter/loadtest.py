@@ -31,16 +31,17 @@ from typing import Any
 
 from rich.table import Table
 
-from tagwriter import __version__
-from tagwriter.bounded import run_bounded
-from tagwriter.config import Config, DatabaseConfig, parse_url, redact_url
-from tagwriter.errors import PipelineStopped, TagwriterError
+from tagwriter._version import __version__
+from tagwriter.bounded import close_bounded, run_bounded
+from tagwriter.config import Config, DatabaseConfig, parse_url
+from tagwriter.errors import TagwriterError
 from tagwriter.metrics import LATENCY_BOUNDS, LatencyHistogram, MetricsSnapshot
-from tagwriter.models import PollingData
 from tagwriter.pipeline import Pipeline
+from tagwriter.redact import redact_tree, redact_url
+from tagwriter.service import Service
 from tagwriter.sinks import Sink, create_sink
 from tagwriter.sinks.base import AdminSink
-from tagwriter.sources.simulate import Simulator, run_paced
+from tagwriter.sources.simulate import SimulatedSource, Simulator
 
 log = logging.getLogger(__name__)
 
@@ -273,44 +274,29 @@ def run_trial(
     stop = stop or threading.Event()
     result = TrialResult(shape, duration, warmup, buffer_capacity=config.buffer.capacity)
     sink = sink_factory() if sink_factory is not None else None
-    pipeline = Pipeline(config, sink=sink)
     sim = Simulator(shape.groups, shape.tags_per_group, shape.interval, seed=seed)
-    done = threading.Event()
-
-    def submit(poll: PollingData) -> None:
-        try:
-            pipeline.submit(poll)
-        except PipelineStopped:
-            done.set()
-
-    def produce() -> None:
-        try:
-            run_paced(sim, submit, done, duration=warmup + duration + 1.0)
-        except Exception:  # a bug in the source: end the trial, the report shows it
-            log.exception("load-test source failed")
-
-    producer = threading.Thread(target=produce, name="tagwriter-loadtest-source", daemon=True)
+    service = Service(config, SimulatedSource(sim, duration=warmup + duration + 1.0), sink=sink)
+    pipeline = service.pipeline
     sampler = _Sampler(pipeline)
-    pipeline.start()
+    service.start()
     try:
         t0 = time.monotonic()
-        producer.start()
         stop.wait(warmup)
         before = pipeline.snapshot()
-        hist0 = pipeline.metrics.cumulative_latency()
+        hist0 = pipeline.latency_histogram()
         cpu0, t_start = time.process_time(), time.monotonic()
         sampler.start()
         stop.wait(max(0.0, t0 + warmup + duration - time.monotonic()))
         after = pipeline.snapshot()
-        hist1 = pipeline.metrics.cumulative_latency()
+        hist1 = pipeline.latency_histogram()
         cpu1, t_end = time.process_time(), time.monotonic()
         samples = sampler.finish()
     finally:
-        done.set()
         sampler.stop.set()
-        producer.join(2.0)
-        result.stopped_cleanly = pipeline.stop()
-    fatal = pipeline.writer.last_fatal_error  # kept after a recovery, unlike writer.fatal_error
+        result.stopped_cleanly = bool(service.stop())
+    if service.source.error is not None:
+        log.error("load-test source failed: %r", service.source.error)
+    fatal = pipeline.fatal_error  # kept after a recovery
     result.fatal_error = str(fatal) if fatal is not None else ""
     result.final = pipeline.snapshot()
     _measure(result, before, after, histogram_since(hist1, hist0), samples, t_end - t_start, cpu1 - cpu0)
@@ -496,9 +482,7 @@ def database_version(db: DatabaseConfig, timeout: float = 10.0) -> str:
     except Exception as exc:  # a driver error a sink did not classify
         return f"unknown: {exc!r}"
     finally:
-        closer = threading.Thread(target=sink.close, name="tagwriter-close", daemon=True)
-        closer.start()
-        closer.join(2.0)
+        close_bounded(sink.close)
 
 
 def environment(config: Config) -> dict[str, Any]:
@@ -550,7 +534,7 @@ def report_dict(
     *, config: Config, result: TrialResult, thresholds: Thresholds, mode: str,
     env: dict[str, Any], search: Search | None = None, temporary_database: bool = False,
 ) -> dict[str, Any]:
-    """The full load-test report (see report_schema.json)."""
+    """The full load-test report (see report_schema.json); every text in it redacted."""
     throughput = search.max_rate if search is not None else None
     broken = violations(result, thresholds, throughput=throughput)
     trouble = problems(result)
@@ -569,7 +553,7 @@ def report_dict(
                        "min_throughput_per_s": thresholds.min_throughput,
                        "max_dropped": thresholds.max_dropped},
     }
-    return _finite({
+    return _finite(redact_tree({
         "command": "load-test",
         "schema_version": 1,
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -580,7 +564,7 @@ def report_dict(
         "violations": [v.as_dict() for v in broken],
         "problems": trouble,
         "search": search.as_dict() if search is not None else None,
-    })
+    }))
 
 
 # -- rendering ------------------------------------------------------------------

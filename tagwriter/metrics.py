@@ -17,6 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 from tagwriter.clock import SYSTEM_CLOCK, Clock
+from tagwriter.redact import redact
 
 WINDOW_5M = 300.0
 WINDOW_1H = 3600.0
@@ -163,11 +164,13 @@ class MetricsSnapshot:
     backup_files: int
     backup_bytes: int
     spool_full: bool
+    held_spool_full: int  # values held in flight because the spool is full (outage with backup.max_bytes reached)
     outages: int
     backlog_rows: int = 0
     backlog_files: int = 0
     drain_rate_per_s: float = 0.0
     drain_eta_s: float | None = None
+    bad_input_lost: int = 0  # malformed input lines that could not be kept (quarantine not writable)
     waiting: int = 0
     fatal_errors: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -197,7 +200,8 @@ class Metrics:
         self.spooled = 0
         self.quarantined = 0
         self.dropped: dict[str, int] = {}
-        self.bad_input = 0
+        self.bad_input = 0  # kept in quarantine
+        self.bad_input_lost = 0  # not kept: the quarantine write failed
         self.batches_ok = 0
         self.batches_failed = 0
         self.retries = 0
@@ -245,9 +249,11 @@ class Metrics:
         with self._lock:
             self.quarantined += n
 
-    def record_bad_input(self, n: int = 1) -> None:
+    def record_bad_input(self, n: int = 1, *, lost: int = 0) -> None:
+        """`n` malformed input lines kept in quarantine, `lost` that could not be kept."""
         with self._lock:
             self.bad_input += n
+            self.bad_input_lost += lost
 
     def record_batch(
         self,
@@ -276,6 +282,7 @@ class Metrics:
                 slot.add(now - t_submit, count)
 
     def record_failure(self, error: str, *, retry: bool) -> None:
+        error = redact(error)  # last_error leaves the process (endpoint, panel, reports)
         with self._lock:
             self.batches_failed += 1
             if retry:
@@ -284,6 +291,7 @@ class Metrics:
 
     def record_fatal(self, error: str) -> None:
         """A fatal (configuration) database error: state failed, counted for good."""
+        error = redact(error)
         with self._lock:
             self.fatal_errors += 1
             self.last_fatal_error = error
@@ -291,6 +299,7 @@ class Metrics:
             self.last_error = error
 
     def set_state(self, state: WriterState, error: str | None = None) -> None:
+        error = None if error is None else redact(error)
         with self._lock:
             if state is WriterState.OUTAGE and self.state is not WriterState.OUTAGE:
                 self.outages += 1
@@ -342,6 +351,7 @@ class Metrics:
         backup_files: int = 0,
         backup_bytes: int = 0,
         spool_full: bool = False,
+        held_spool_full: int = 0,
         **extra: Any,
     ) -> MetricsSnapshot:
         with self._lock:
@@ -374,6 +384,7 @@ class Metrics:
                 dropped=dropped,
                 dropped_by_reason=dict(self.dropped),
                 bad_input=self.bad_input,
+                bad_input_lost=self.bad_input_lost,
                 batches_ok=self.batches_ok,
                 batches_failed=self.batches_failed,
                 retries=self.retries,
@@ -391,6 +402,7 @@ class Metrics:
                 backup_files=backup_files,
                 backup_bytes=backup_bytes,
                 spool_full=spool_full,
+                held_spool_full=held_spool_full,
                 outages=self.outages,
                 waiting=waiting,
                 fatal_errors=self.fatal_errors,

@@ -35,17 +35,19 @@ from typing import Any
 from rich.table import Table
 
 from tagwriter.buffer import OverflowPolicy, RingBuffer
-from tagwriter.config import Config, parse_url, redact_url
+from tagwriter.config import Config, parse_url
 from tagwriter.errors import InputError, PipelineStopped
 from tagwriter.loadtest import LoadShape, environment
 from tagwriter.metrics import MetricsSnapshot
 from tagwriter.models import TagValue, format_ts
 from tagwriter.pipeline import Pipeline
+from tagwriter.redact import redact_tree, redact_url
+from tagwriter.service import Service
 from tagwriter.sinks import Sink, create_sink
 from tagwriter.sinks.base import WriteResult
 from tagwriter.sinks.memory import MemorySink
-from tagwriter.sources.simulate import Simulator, run_paced
-from tagwriter.spool import SpoolLine, read_spool
+from tagwriter.sources.simulate import SimulatedSource, Simulator
+from tagwriter.spoolformat import SpoolLine, read_spool
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +211,7 @@ def _read_spool(pipeline: Pipeline) -> tuple[list[int], list[str]]:
     """Sequence numbers in the spool files (and bad lines, which should not exist)."""
     seqs: list[int] = []
     bad: list[str] = []
-    for path in pipeline.spool.backup.files():
+    for path in pipeline.spool_files():
         for item in read_spool(path):
             if isinstance(item, SpoolLine):
                 if item.row.tag.startswith(TAG_PREFIX) and item.row.value is not None:
@@ -295,7 +297,7 @@ def _stall(run: _Run, result: OverflowResult) -> tuple[int, int] | None:
     batch = run.config.writer.batch_size
     run.submit(batch)
     stalled = run.gate.blocked.wait(STALL_WAIT)
-    held, left = run.pipeline.writer.inflight, len(run.buffer)
+    held, left = run.pipeline.snapshot().inflight, len(run.buffer)
     result.checks.append(Check(
         "writer stalled", stalled and held > 0,
         f"the writer holds {held:,} values in a blocked write; {left:,} left in the buffer" if stalled
@@ -470,31 +472,19 @@ def _sustained(config: Config, s: OverflowSettings, sink: Sink, buffer_class: ty
     gate = MemorySink(inner=sink)
     gate.delay = config.writer.batch_size / s.sink_rate
     buffer = buffer_class(s.capacity, s.policy, block_timeout=config.buffer.block_timeout)
-    pipeline = Pipeline(config, sink=gate, buffer=buffer)
     offered = s.sink_rate * (1 + s.overload_pct / 100.0)
     shape = LoadShape.for_rate(offered)
     sim = Simulator(shape.groups, shape.tags_per_group, shape.interval, seed=2)
-    done = threading.Event()
-
-    def submit(poll: Any) -> None:
-        try:
-            pipeline.submit(poll)
-        except PipelineStopped:
-            done.set()
-
-    producer = threading.Thread(target=lambda: run_paced(sim, submit, done, duration=s.sustained_s),
-                                name="tagwriter-overflow-sustained", daemon=True)
-    pipeline.start()
+    service = Service(config, SimulatedSource(sim, duration=s.sustained_s), sink=gate, buffer=buffer)
+    service.start()
     try:
         started = time.monotonic()
-        producer.start()
-        producer.join(s.sustained_s + 5.0)
+        service.wait_source(s.sustained_s + 5.0)
         elapsed = time.monotonic() - started
-        snap = pipeline.snapshot()
+        snap = service.pipeline.snapshot()
     finally:
-        done.set()
         gate.delay = 0.0  # drain what is left at full speed
-        pipeline.stop()
+        service.stop()
     committed = snap.written + snap.duplicates + snap.quarantined
     sink_rate = committed / elapsed if elapsed > 0 else 0.0
     excess = max(0.0, offered - s.sink_rate)
@@ -517,9 +507,9 @@ def _sustained(config: Config, s: OverflowSettings, sink: Sink, buffer_class: ty
 
 
 def report_dict(config: Config, r: OverflowResult, env: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The full overflow-test report (see report_schema.json)."""
+    """The full overflow-test report (see report_schema.json); every text in it redacted."""
     s = r.settings
-    return {
+    return redact_tree({
         "command": "overflow-test",
         "schema_version": 1,
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -536,7 +526,7 @@ def report_dict(config: Config, r: OverflowResult, env: dict[str, Any] | None = 
         "figures": {k: _jsonable(v) for k, v in r.figures.items()},
         "sustained": {k: _jsonable(v) for k, v in r.sustained.items()} if r.sustained else None,
         "metrics": {k: _jsonable(v) for k, v in r.final.as_dict().items()} if r.final else {},
-    }
+    })
 
 
 MARKS = {True: "✓", False: "✗"}

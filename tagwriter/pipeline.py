@@ -1,42 +1,69 @@
-"""`Pipeline`: source -> buffer -> writer -> sink, with spool and metrics, as one object.
+"""`Pipeline`: source -> buffer -> writer -> sink, with spool and metrics, as one sealed object.
 
     with Pipeline(config) as p:
         p.submit(PollingData("line1", ts, {"line1.temp": 21.5}))
 
 Every submitted value ends as exactly one of: written (or a duplicate of a
-row already there), spooled, quarantined, or a counted drop.
+row already there), spooled, quarantined, or a counted drop. The parts
+(buffer, writer, spool, metrics, sink) are private: callers use the methods
+below, and sources see the pipeline only as an `Intake`
+(tagwriter/sources/base.py). Serving HTTP is the service's job
+(tagwriter/service.py), not the pipeline's.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
+import os
 import threading
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
 
+from tagwriter.bounded import close_bounded
 from tagwriter.buffer import OverflowPolicy, RingBuffer
 from tagwriter.clock import SYSTEM_CLOCK, Clock
-from tagwriter.config import Config
-from tagwriter.errors import PipelineStopped, SpoolError, SpoolFullError
-from tagwriter.metrics import Metrics, MetricsSnapshot, WriterState
-from tagwriter.models import PollingData, TagValue, check_tag_names
+from tagwriter.config import Config, WriterConfig
+from tagwriter.errors import FatalError, LoginRefusedError, PipelineStopped, SpoolError, SpoolFullError
+from tagwriter.intake import BadInput, Stoppable
+from tagwriter.metrics import LatencyHistogram, Metrics, MetricsSnapshot, WriterState
+from tagwriter.models import PollingData, TagValue, check_tag_names, checked_rows
 from tagwriter.recovery import SpoolDrain
 from tagwriter.sinks import Sink, create_sink
-from tagwriter.spool import Spool
+from tagwriter.spool import LOOK_INTERVAL, Spool
 from tagwriter.writer import Writer
-
-if TYPE_CHECKING:
-    from tagwriter.endpoint import MetricsServer
 
 log = logging.getLogger(__name__)
 
 INTAKE_GRACE = 0.1  # seconds stop() lets a submit in progress finish before closing the buffer on it
+ROOM_CHECK = 0.1  # seconds between looks at a source's stop event while it waits for room
+SINK_CLOSE_TIMEOUT = 2.0  # a hung driver must not hold up the exit
+WRITER_STALL_FLOOR = 30.0  # seconds: liveness never calls the writer loop stuck sooner than this
+PROBE_GRACE = 0.5  # seconds outage mode may lack a probe thread (it starts just after the outage does)
+
+
+def writer_stall_limit(config: Config) -> float:
+    """Seconds the writer loop may go without a tick before it counts as stuck.
+
+    The longest gap a working loop leaves: an idle wait (LOOK_INTERVAL), a retry
+    delay, then one database call that takes every timeout; twice that, at least
+    WRITER_STALL_FLOOR. About a minute with the default timeouts.
+    """
+    db, delays = config.database, config.writer.retry_delays
+    worst = LOOK_INTERVAL + max(delays, default=0.0) + db.connect_timeout + db.pool_wait_timeout + db.call_timeout
+    return max(WRITER_STALL_FLOOR, 2.0 * worst)
+
+
+def _can_write(directory: Path) -> bool:
+    """True if files can be made in `directory`, or it can be made (its nearest existing parent is writable)."""
+    for path in (directory, *directory.parents):
+        if path.exists():
+            return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+    return False
 
 
 class Pipeline:
-    """The library's entry point. `submit`, `flush`, `stop` and `snapshot` are thread-safe."""
+    """The library's entry point. Every public method is thread-safe."""
 
     def __init__(
         self,
@@ -48,36 +75,42 @@ class Pipeline:
     ) -> None:
         self.config = config = config or Config()
         self.clock = clock
-        self.metrics = Metrics(clock)
+        self._metrics = Metrics(clock)
         # `buffer`: a prebuilt (e.g. instrumented) RingBuffer; overflow-test injects one.
-        self.buffer = buffer if buffer is not None else RingBuffer(
+        self._buffer = buffer if buffer is not None else RingBuffer(
             config.buffer.capacity,
             config.buffer.overflow_policy,
             block_timeout=config.buffer.block_timeout,
             clock=clock,
         )
         b = config.backup
-        self.spool = Spool(
+        self._spool = Spool(
             b.directory, b.quarantine_directory,
             roll_rows=b.roll_rows, roll_seconds=b.roll_seconds, max_bytes=b.max_bytes, clock=clock,
         )
-        self.sink = sink if sink is not None else create_sink(config.database)
-        self.writer = Writer(
-            self.buffer, self.sink, self.spool, self.metrics, config.writer, clock=clock
+        self._sink = sink if sink is not None else create_sink(config.database)
+        self._writer = Writer(
+            self._buffer, self._sink, self._spool, self._metrics, config.writer, clock=clock
         )
         # The spool drain runs on the writer thread between live batches (see recovery.py).
-        self.drain = SpoolDrain(self.spool, self.sink, config, clock=clock)
+        self._drain = SpoolDrain(self._spool, self._sink, config, clock=clock)
         if config.backup.auto_replay:
-            self.writer.background = self.drain
-            self.writer.on_recovered = self.drain.trigger
-        self._submit_lock = threading.Lock()
+            self._writer.background = self._drain
+            self._writer.on_recovered = self._drain.trigger
+        # Guards `_accepting` and `_submitting`; never held across I/O or a wait for room.
+        self._intake = threading.Condition(threading.Lock())
+        self._submitting = 0  # submits between their accepting check and their last spool write
         self._stop_lock = threading.RLock()
         self._hurry = threading.Event()
+        self._stop_wake = threading.Event()  # set by abort() and when the writer thread ends
+        self._writer.on_exit = self._writer_ended
+        #: Seconds the writer loop may go without a tick before `liveness()` calls it stuck.
+        self.writer_stall_limit = writer_stall_limit(config)
+        self._probe_missing_since: float | None = None  # see _probe_alive
         self._accepting = False
         self._started = False
         self._stop_result: bool | None = None
-        self._consumers: list[QueueConsumer] = []
-        self.metrics_server: MetricsServer | None = None  # serves HTTP while running if metrics.port > 0
+        self._attached: list[Stoppable] = []
 
     # -- life cycle --------------------------------------------------------
 
@@ -86,16 +119,15 @@ class Pipeline:
         with self._stop_lock:
             if self._started:
                 return self
-            self._start_metrics_server()
             self._started = True
             try:
-                self.spool.recover()
+                self._spool.recover()
             except OSError as exc:
                 log.error("cannot recover partial spool files: %s", exc)
-            if self.writer.background is self.drain:
-                self.drain.check_target()  # before the first drain step: whose files are these?
-            self.writer.start()
-            with self._submit_lock:
+            if self._writer.background is self._drain:
+                self._drain.check_target()  # before the first drain step: whose files are these?
+            self._writer.start()
+            with self._intake:
                 self._accepting = True
         return self
 
@@ -109,9 +141,25 @@ class Pipeline:
 
     @property
     def running(self) -> bool:
+        """True while `submit` takes values."""
         return self._accepting
 
-    # -- producers ---------------------------------------------------------
+    def _writer_ended(self) -> None:
+        """On the writer thread as it ends: unless stop() asked it to, it failed; say so at once."""
+        crash = self._writer.crash
+        if self._accepting or crash is not None:
+            why = f": {crash!r}" if crash is not None else ""
+            log.error("the writer thread has ended unexpectedly%s: nothing is written any more; "
+                      "stopping spools what is held", why)
+            self._metrics.set_state(WriterState.FAILED, f"the writer thread has ended unexpectedly{why} (see the log)")
+        self._stop_wake.set()
+
+    # -- producers (the `Intake` of tagwriter/sources/base.py) -------------
+
+    @property
+    def capacity(self) -> int:
+        """How many values the buffer holds at most."""
+        return self._buffer.capacity
 
     def submit(self, data: PollingData | Iterable[TagValue]) -> bool:
         """Hand over one polling group (or rows); True if every value was taken.
@@ -119,70 +167,132 @@ class Pipeline:
         False means some were dropped (counted) under the `drop-oldest` or
         `block` policy; values handed over while `stop()` closes the buffer
         go to the spool. Raises PipelineStopped after `stop()`, and ValueError
-        (nothing taken) for a tag name that is not text or holds a line break.
+        (nothing taken) for a value no database or spool line could keep exactly
+        (`models.check_tag_names`, `models.checked_rows`): a tag name that is not
+        text, empty, or holds a control character or a lone surrogate; a number too large.
         """
-        rows: Sequence[TagValue]
-        if isinstance(data, PollingData):
-            check_tag_names(data.values.keys())
-            rows = list(data.rows())
-        else:
-            rows = list(data)
-            check_tag_names([row[0] for row in rows])
+        rows = self._rows_of(data)
         if not rows:
             return True
-        with self._submit_lock:
-            if not self._accepting:
-                raise PipelineStopped("the pipeline is stopped; the values were not taken")
-            self.metrics.record_submitted(len(rows))
-            result = self.buffer.put_many(rows)
+        self._enter_intake()
+        try:
+            self._metrics.record_submitted(len(rows))
+            result = self._buffer.put_many(rows)
             if result.evicted:
                 self._spill(result.evicted)
             # stop() closed the buffer meanwhile: the rows go to the spool.
             if result.refused and not self._spool_rows(result.refused, "stopping: cannot spool"):
                 return False
+        finally:
+            self._leave_intake()
         if result.dropped:
-            reason = "block_timeout" if self.buffer.policy is OverflowPolicy.BLOCK else "overflow"
-            self.metrics.record_dropped(result.dropped, reason)
+            reason = "block_timeout" if self._buffer.policy is OverflowPolicy.BLOCK else "overflow"
+            self._metrics.record_dropped(result.dropped, reason)
             return False
         return True
 
-    def _spill(self, rows: list[TagValue]) -> None:
-        self.metrics.record_overflow_spilled(len(rows))
+    def spool_rows(self, rows: Sequence[TagValue]) -> int:
+        """Take rows straight into the spool, past the buffer (counted as submitted and spooled).
+
+        For a source that must stop while it holds rows it has read off its
+        input. Returns how many were spooled; the rest are counted as dropped
+        (`spool_error`). Raises PipelineStopped after `stop()`.
+        """
+        rows = self._rows_of(rows)
+        if not rows:
+            return 0
+        self._enter_intake()
         try:
-            self.metrics.record_spooled(self.spool.write_rows(rows))
+            self._metrics.record_submitted(len(rows))
+            return len(rows) if self._spool_rows(rows, "cannot spool") else 0
+        finally:
+            self._leave_intake()
+
+    def wait_for_room(self, n: int, stop: threading.Event | None = None, timeout: float | None = None) -> bool:
+        """Wait until `n` values (at most `capacity`) fit without overflow; False on `stop` or timeout.
+
+        Returns True at once when the pipeline is not accepting (its submit then says so).
+        """
+        deadline = None if timeout is None else self.clock.monotonic() + timeout
+        while self._accepting:
+            wait = ROOM_CHECK if deadline is None else min(ROOM_CHECK, deadline - self.clock.monotonic())
+            if self._buffer.wait_for_room(n, max(0.0, wait)):
+                return True
+            if (stop is not None and stop.is_set()) or (deadline is not None and self.clock.monotonic() >= deadline):
+                return False
+        return True
+
+    def quarantine_input(self, bad: Sequence[BadInput]) -> int:
+        """Count and keep inputs that could not be taken (`(where, why, raw)`); returns how many were kept."""
+        if not bad:
+            return 0
+        try:
+            kept = self._spool.quarantine_lines(bad)
+        except SpoolError as exc:
+            log.error("QUARANTINE FAILED: %d malformed input lines are lost, not kept (first %s): %s",
+                      len(bad), bad[0][0], exc)
+            self._metrics.record_bad_input(0, lost=len(bad))
+            return 0
+        self._metrics.record_bad_input(kept)
+        return kept
+
+    def attach(self, source: Stoppable) -> None:
+        """`stop()` stops `source` first, so that what it holds is handed over before intake ends."""
+        with self._stop_lock:
+            self._attached.append(source)
+
+    @staticmethod
+    def _rows_of(data: PollingData | Iterable[TagValue]) -> Sequence[TagValue]:
+        if isinstance(data, PollingData):
+            check_tag_names(data.values.keys())
+            return list(data.rows())
+        # Every field, not just the tag: a value no driver or spool line can take would kill the writer.
+        return checked_rows(data if isinstance(data, list) else list(data))
+
+    def _enter_intake(self) -> None:
+        with self._intake:
+            if not self._accepting:
+                raise PipelineStopped("the pipeline is stopped; the values were not taken")
+            self._submitting += 1
+
+    def _leave_intake(self) -> None:
+        with self._intake:
+            self._submitting -= 1
+            if not self._submitting:
+                self._intake.notify_all()
+
+    def _spill(self, rows: list[TagValue]) -> None:
+        self._metrics.record_overflow_spilled(len(rows))
+        try:
+            self._metrics.record_spooled(self._spool.write_rows(rows))
         except SpoolFullError as exc:
             log.error("cannot spill %d values: %s", len(rows), exc)
-            self.metrics.record_dropped(len(rows), "spool_full")
+            self._metrics.record_dropped(len(rows), "spool_full")
         except SpoolError as exc:
             log.error("cannot spill %d values: %s", len(rows), exc)
-            self.metrics.record_dropped(len(rows), "spool_error")
+            self._metrics.record_dropped(len(rows), "spool_error")
 
     def _spool_rows(self, rows: Sequence[TagValue], what: str) -> bool:
         """Spool rows past the size cap (shutdown); False (counted as dropped) if the disk fails."""
         try:
-            self.metrics.record_spooled(self.spool.write_rows(rows, force=True))
+            self._metrics.record_spooled(self._spool.write_rows(rows, force=True))
             return True
         except SpoolError as exc:
             log.error("%s %d values: %s", what, len(rows), exc)
-            self.metrics.record_dropped(len(rows), "spool_error")
+            self._metrics.record_dropped(len(rows), "spool_full" if isinstance(exc, SpoolFullError) else "spool_error")
             return False
 
-    def consume(self, source: queue.Queue[PollingData | None]) -> QueueConsumer:
-        """Start a thread that submits every `PollingData` put on `source`.
-
-        Put `None` on the queue to end the consumer; `stop()` also ends it,
-        after submitting what is still queued.
-        """
-        consumer = QueueConsumer(self, source)
-        self._consumers.append(consumer)
-        consumer.start()
-        return consumer
+    def apply_writer_settings(self, writer: WriterConfig) -> None:
+        """Take new writer settings (a reload); batch size and flush interval hold from the next batch."""
+        self.config = self.config.replace(writer=writer)
+        self._writer.config = writer  # read by the writer thread for each batch
+        self._buffer.wake()  # a wait for the old batch size or flush interval ends now
 
     # -- flushing and stopping ---------------------------------------------
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Write (or spool) everything submitted so far; False if not done in time."""
-        return self.writer.flush(timeout)
+        return self._writer.flush(timeout)
 
     def abort(self) -> None:
         """Make a `stop()` in progress give up flushing and spool the rest now.
@@ -190,7 +300,8 @@ class Pipeline:
         Closes the buffer too, so a producer blocked in `submit` spools its rows and returns.
         """
         self._hurry.set()
-        self.buffer.close()
+        self._stop_wake.set()
+        self._buffer.close()
 
     def stop(self, timeout: float | None = None) -> bool:
         """Flush within `timeout` seconds (default `writer.shutdown_timeout`), spool the rest.
@@ -209,26 +320,26 @@ class Pipeline:
             if timeout is None:
                 timeout = self.config.writer.shutdown_timeout
             deadline = self.clock.monotonic() + timeout
-            for consumer in self._consumers:
-                consumer.stop(max(0.0, deadline - self.clock.monotonic()))
+            for source in self._attached:
+                source.stop(max(0.0, deadline - self.clock.monotonic()))
             self._end_intake(deadline)
-            self.metrics.set_state(WriterState.STOPPING)
-            self.writer.request_stop()
+            self._metrics.set_state(WriterState.STOPPING)
+            self._writer.request_stop()
             finished = self._wait_writer(deadline)
             if not finished:
                 log.warning("shutdown deadline reached: spooling what is still pending")
-                self.writer.abort()
-            leftovers = self.writer.abandon() if not finished else None
+                self._writer.abort()
+            leftovers = self._writer.abandon()  # a writer that died holds its batch still
             spooled_ok = self._spool_leftovers(leftovers.rows if leftovers else [])
             try:
-                self.spool.seal()
+                self._spool.seal()
             except SpoolError as exc:
                 log.error("%s", exc)
                 spooled_ok = False
             if finished:
-                self.drain.close()
-                self._close_sink()
-            self.metrics.set_state(WriterState.STOPPED)
+                self._drain.close()
+                close_bounded(self._sink.close, SINK_CLOSE_TIMEOUT, "close the database connection")
+            self._metrics.set_state(WriterState.STOPPED)
             snap = self.snapshot()
             self._stop_result = spooled_ok and snap.pending == 0
             log.info(
@@ -237,123 +348,164 @@ class Pipeline:
                 snap.submitted, snap.written, snap.duplicates, snap.spooled,
                 snap.quarantined, snap.dropped, snap.pending,
             )
-            if self.metrics_server is not None:
-                self.metrics_server.stop(timeout=1.0)
             return self._stop_result
 
     def _end_intake(self, deadline: float) -> None:
-        """Refuse later submits, then close the buffer; bounded by the deadline (at least a moment).
+        """Refuse later submits; let those in progress finish (bounded); close the buffer.
 
-        A submit in progress normally releases the submit lock within
-        microseconds; one blocked for room (policy `block`) is woken by
-        `buffer.close()` and spools its rows. Once closed, no row enters the
-        buffer, so the lock is only awaited to let that producer finish
-        spooling before the spool is sealed.
+        A submit in progress normally finishes within microseconds and its
+        rows enter the buffer; one blocked for room (policy `block`) is woken
+        by `close()` after INTAKE_GRACE and spools its rows. Waiting for it
+        lets that finish before the spool is sealed.
         """
-        self._accepting = False
-        got = self._submit_lock.acquire(timeout=INTAKE_GRACE)
-        if not got:
-            self.buffer.close()
-            got = self._submit_lock.acquire(timeout=max(INTAKE_GRACE, deadline - self.clock.monotonic()))
-        try:
-            self.buffer.close()
-        finally:
-            if got:
-                self._submit_lock.release()
-        if not got:
-            log.warning("a producer still holds the submit lock; stopping without it")
+        with self._intake:
+            self._accepting = False
+        if not self._wait_submits(self.clock.monotonic() + INTAKE_GRACE):
+            self._buffer.close()
+            if not self._wait_submits(max(self.clock.monotonic() + INTAKE_GRACE, deadline)):
+                log.warning("%d submits still in progress; stopping without them", self._submitting)
+        self._buffer.close()
 
-    def _start_metrics_server(self) -> None:
-        """Serve the HTTP endpoint if metrics.port > 0; a taken port raises ConfigError before anything runs."""
-        m = self.config.metrics
-        if m.port > 0 and self.metrics_server is None:
-            from tagwriter.endpoint import MetricsServer  # prometheus_client only when used
-
-            self.metrics_server = MetricsServer(
-                self, m.host, m.port, health_max_buffer_pct=m.health_max_buffer_pct
-            ).start()
+    def _wait_submits(self, end: float) -> bool:
+        """Wait until no submit is in progress, at most until `end`; True if none is."""
+        with self._intake:
+            while self._submitting:
+                remaining = end - self.clock.monotonic()
+                if remaining <= 0.0:
+                    return False
+                self._intake.wait(remaining)
+            return True
 
     def _wait_writer(self, deadline: float) -> bool:
-        while True:
+        """Wait for the writer thread to end, until the deadline or `abort()`; True if it ended."""
+        while not self._hurry.is_set() and self._writer.alive:
             remaining = deadline - self.clock.monotonic()
-            if self._hurry.is_set() or remaining <= 0.0:
-                return self.writer.join(0.0)
-            if self.writer.join(min(0.05, remaining)):
-                return True
+            if remaining <= 0.0:
+                break
+            self.clock.wait(self._stop_wake, remaining)
+        return self._writer.join(0.0)
 
     def _spool_leftovers(self, inflight: list[TagValue]) -> bool:
         rows = list(inflight)
-        while len(self.buffer):
-            rows.extend(self.buffer.drain(len(self.buffer) or 1).rows)
+        while len(self._buffer):
+            rows.extend(self._buffer.drain(len(self._buffer) or 1).rows)
         if not rows:
             return True
         return self._spool_rows(rows, "cannot spool at shutdown")
-
-    def _close_sink(self) -> None:
-        """Close the sink, bounded: a hung driver must not hold up the exit."""
-        closer = threading.Thread(target=self.sink.close, name="tagwriter-close", daemon=True)
-        closer.start()
-        closer.join(2.0)
 
     # -- reading -----------------------------------------------------------
 
     def snapshot(self) -> MetricsSnapshot:
         """Every figure now, as one immutable object."""
-        files, size = self.spool.stats()
-        return self.metrics.snapshot(
-            buffer_size=len(self.buffer),
-            buffer_capacity=self.buffer.capacity,
-            inflight=self.writer.inflight,
-            waiting=self.buffer.waiting,
+        files, size = self._spool.stats()
+        return self._metrics.snapshot(
+            buffer_size=len(self._buffer),
+            buffer_capacity=self._buffer.capacity,
+            inflight=self._writer.inflight,
+            waiting=self._buffer.waiting,
             backup_files=files,
             backup_bytes=size,
-            spool_full=self.spool.backup.full,
-            **self.drain.status(),
+            spool_full=self._spool.backup.full or self._spool.backup.disk_full,
+            held_spool_full=self._writer.held,
+            **self._drain.status(),
         )
 
+    def latency_histogram(self) -> LatencyHistogram:
+        """The end-to-end latency histogram since start (a consistent copy)."""
+        return self._metrics.cumulative_latency()
 
-class QueueConsumer:
-    """Submits `PollingData` from an upstream `queue.Queue` (how a polling system plugs in)."""
+    @property
+    def fatal_error(self) -> FatalError | None:
+        """The last error retrying cannot fix, kept after a recovery (for the exit status); None if none."""
+        return self._writer.fatal_error or self._writer.last_fatal_error
 
-    def __init__(self, pipeline: Pipeline, source: queue.Queue[PollingData | None]) -> None:
-        self.pipeline = pipeline
-        self.source = source
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tagwriter-queue", daemon=True)
-        self.consumed = 0
-        self.rejected = 0  # items refused by submit (bad tag names), kept in quarantine
+    @property
+    def in_outage(self) -> bool:
+        """True while the writer spools every batch and probes the database."""
+        return self._writer.in_outage
 
-    def start(self) -> None:
-        self._thread.start()
+    @property
+    def alive(self) -> bool:
+        """True while the writer thread runs."""
+        return self._writer.alive
 
-    def _run(self) -> None:
-        while True:
-            try:
-                item = self.source.get(timeout=0.1)
-            except queue.Empty:
-                if self._stop.is_set():
-                    return
-                continue
-            if item is None:
-                return
-            try:
-                self.pipeline.submit(item)
-            except PipelineStopped:
-                log.error("queue consumer: pipeline stopped with values still queued")
-                return
-            except (ValueError, TypeError) as exc:  # a bad item: keep it in quarantine, go on
-                self.rejected += 1
-                where = f"queue item {self.consumed + self.rejected}"
-                log.error("%s: %s (kept in quarantine)", where, exc)
-                try:
-                    self.pipeline.spool.quarantine_lines([(where, str(exc), repr(item))])
-                except SpoolError as err:
-                    log.error("%s: cannot quarantine: %s", where, err)
-                continue
-            self.consumed += 1
+    @property
+    def writer_failed(self) -> bool:
+        """True once the writer thread has ended without `stop()` asking it to, or by a bug (sticky after stop)."""
+        return self._writer.crash is not None or (self._started and self._accepting and not self._writer.alive)
 
-    def stop(self, timeout: float) -> bool:
-        """Submit what is queued, then end; True if done within `timeout`."""
-        self._stop.set()
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+    def liveness(self) -> tuple[bool, str]:
+        """(live, reason): the writer thread runs, its loop ticked within `writer_stall_limit`, and
+        in outage mode the probe thread runs. Never asks the database: an outage is live."""
+        state = self._metrics.state.value
+        if not self._accepting:  # not started yet, or stopping: live until stopped
+            return (False, "stopped") if self._stop_result is not None else (True, state)
+        if not self._writer.alive:
+            return False, "the writer thread has ended unexpectedly (see the log)"
+        age = self.clock.monotonic() - self._writer.last_tick
+        if age > self.writer_stall_limit:
+            return False, f"the writer loop has not ticked for {age:.0f}s (limit {self.writer_stall_limit:g}s)"
+        if not self._probe_alive():
+            return False, "outage mode without a probe thread: the database is never tried again"
+        return True, f"{state}: the writer loop ticked {age:.1f}s ago"
+
+    def _probe_alive(self) -> bool:
+        """False once outage mode has lacked a probe thread for PROBE_GRACE.
+
+        A probe ends on its own only on recovery or a refused login (never
+        retried: account lockout). The grace covers the moments between entering
+        outage mode and starting the probe; a lone race on the timestamp only
+        shifts that grace.
+        """
+        w = self._writer
+        missing = w.in_outage and not w.probing and not isinstance(w.fatal_error, LoginRefusedError)
+        if not missing:
+            self._probe_missing_since = None
+            return True
+        now = self.clock.monotonic()
+        if self._probe_missing_since is None:
+            self._probe_missing_since = now
+        return now - self._probe_missing_since < PROBE_GRACE
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, reason): values are taken without loss, written or else spooled.
+
+        Outage mode with room in a writable spool is ready; a full or unwritable
+        spool then is not. Never asks the database.
+        """
+        state = self._metrics.state.value
+        if not self._accepting:
+            return False, "stopped" if self._stop_result is not None else state
+        if not self._writer.alive:
+            return False, "the writer thread has ended unexpectedly (see the log)"
+        if not self._writer.in_outage:
+            return True, state
+        directory = self._spool.directory
+        if self._spool.backup.disk_full:
+            return False, f"{state} and the disk of the spool folder {directory} is full: values are held in memory"
+        if self._spool.backup.full or self._writer.held:
+            return False, f"{state} and the spool is full (backup.max_bytes): values are held in memory"
+        if not _can_write(directory):
+            return False, f"{state} and the spool folder {directory} is not writable"
+        return True, f"{state}: spooling to {directory}"
+
+    @property
+    def target(self) -> str:
+        """The database written to, for people (no password)."""
+        return self._sink.describe()
+
+    @property
+    def spool_directory(self) -> Path:
+        return self._spool.directory
+
+    @property
+    def quarantine_directory(self) -> Path:
+        return self._spool.quarantine_directory
+
+    def spool_files(self) -> list[Path]:
+        """Completed backup files, oldest first."""
+        return self._spool.backup.files()
+
+    def quarantine_files(self) -> list[Path]:
+        """Completed quarantine files, oldest first."""
+        return self._spool.quarantine.files()

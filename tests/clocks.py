@@ -113,12 +113,3 @@ class ManualClock:
             self._cond.notify_all()
         return waiter.timeout
 
-
-def wait_until(predicate: object, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll `predicate()` in real time until true; fail the test after `timeout` s."""
-    assert callable(predicate)
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.002)

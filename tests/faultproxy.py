@@ -407,17 +407,6 @@ class FaultProxy:
             return None
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:
-    """Poll `predicate()` until true or `timeout` seconds pass; returns the last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
 # -- the fault suite's results table --------------------------------------------------
 
 

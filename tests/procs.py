@@ -8,9 +8,7 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,22 +39,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def metric(port: int, name: str) -> Any:
-    """One figure of a running process's JSON metrics; None while it does not answer."""
+def metrics(port: int) -> dict[str, Any] | None:
+    """A running process's JSON metrics, read at one instant; None while it does not answer."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/buffer/metrics", timeout=1) as r:
-            return json.load(r)[name]
+            return dict(json.load(r))
     except OSError:
         return None
 
 
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> None:
-    """Poll `predicate` until true; AssertionError naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
+def metric(port: int, name: str) -> Any:
+    """One figure of a running process's JSON metrics; None while it does not answer."""
+    figures = metrics(port)
+    return None if figures is None else figures[name]
 
 
 def start_run(cwd: Path, *args: str, env: dict[str, str], stdin: int | None = None) -> subprocess.Popen[str]:

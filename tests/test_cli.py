@@ -17,14 +17,16 @@ from procs import free_port, summary
 from typer.testing import CliRunner, Result
 
 from tagwriter.cli.app import app
-from tagwriter.cli.run import StopRequests, status_line
+from tagwriter.cli.run import status_line
+from tagwriter.cli.signals import SignalRequests
 from tagwriter.metrics import Metrics
+from tagwriter.service import EXIT_MEANINGS
 
 runner = CliRunner()
 
 #: A small, fast simulation: 2 groups x 5 tags every 0.1 s.
-FAST_SIM = {"TAGWRITER_SOURCE_GROUPS": "2", "TAGWRITER_SOURCE_TAGS_PER_GROUP": "5",
-            "TAGWRITER_SOURCE_INTERVAL": "0.1", "TAGWRITER_WRITER_FLUSH_INTERVAL": "0.05"}
+FAST_SIM = {"TAGWRITER_SOURCE__GROUPS": "2", "TAGWRITER_SOURCE__TAGS_PER_GROUP": "5",
+            "TAGWRITER_SOURCE__INTERVAL": "0.1", "TAGWRITER_WRITER__FLUSH_INTERVAL": "0.05"}
 
 pytestmark = pytest.mark.usefixtures("in_tmp")
 
@@ -65,6 +67,12 @@ def test_every_command_has_help_with_a_summary_and_an_example() -> None:
         if path:  # the top level lists commands instead
             example = re.search(r"^\s*Example: (\w+=\S+ )*tagwriter ", result.stdout, re.M)
             assert example, f"{' '.join(path)}: no Example line"
+
+
+def test_run_help_gives_every_exit_status() -> None:
+    text = " ".join(invoke(["run", "--help"]).stdout.split())
+    for code, meaning in EXIT_MEANINGS.items():
+        assert f"{int(code)} {meaning}" in text
 
 
 def test_no_arguments_shows_help_and_unknown_command_is_a_usage_error() -> None:
@@ -130,7 +138,7 @@ def test_run_duration_with_the_simulated_source(tmp_path: Path) -> None:
 
 
 def test_run_seed_makes_the_simulation_repeatable(tmp_path: Path) -> None:
-    env = {**FAST_SIM, "TAGWRITER_SOURCE_VALUE_SHAPE": "constant"}
+    env = {**FAST_SIM, "TAGWRITER_SOURCE__VALUE_SHAPE": "constant"}
 
     def values(seed: int, db: str) -> set[tuple[str, float]]:
         result = invoke(["run", "--duration", "0.3", "--seed", str(seed), "--database", f"sqlite:///{db}"], env=env)
@@ -168,10 +176,11 @@ def test_run_stdin_with_malformed_lines_loses_nothing(tmp_path: Path) -> None:
     for n in bad_at:
         lines.insert(n - 1, '{"tag": "x", "ts": "when?", "value": 1}' if n == 250 else "garbage")
     result = invoke(["run", "--source", "jsonl", "--input", "-"], input="\n".join(lines) + "\n")
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # finished, nothing lost, but the input was bad
     counts = summary(result.stdout)
     assert counts["written"] == 500 == count_rows(tmp_path / "tagwriter.db")
     assert "malformed input lines: 3, kept in backup/quarantine" in result.stdout
+    assert "warning: 3 input lines were malformed (exit status 3)" in result.stderr
     assert "stdin:3: not JSON" in result.stderr and "stdin:250: ts 'when?'" in result.stderr
     kept = "".join(p.read_text() for p in sorted((tmp_path / "backup" / "quarantine").glob("*.csv")))
     for n in bad_at:
@@ -235,9 +244,9 @@ def test_run_batch_size_and_flush_interval(tmp_path: Path) -> None:
     assert result.stderr.startswith("error: --flush-interval: writer.flush_interval = 0.0: must be between 0.001")
     result = invoke(["run", "--metrics-port", "70000"])
     assert result.exit_code == 2 and result.stderr.startswith("error: --metrics-port: metrics.port = 70000")
-    result = invoke(["run", "--duration", "1"], env={"TAGWRITER_WRITER_BATCH_SIZE": "0"})
+    result = invoke(["run", "--duration", "1"], env={"TAGWRITER_WRITER__BATCH_SIZE": "0"})
     assert result.exit_code == 1
-    assert result.stderr.startswith("error: environment TAGWRITER_WRITER_BATCH_SIZE: writer.batch_size = 0: ")
+    assert result.stderr.startswith("error: environment TAGWRITER_WRITER__BATCH_SIZE: writer.batch_size = 0: ")
 
 
 def test_run_duration_must_be_positive() -> None:
@@ -256,7 +265,7 @@ def test_run_panel_on_a_terminal(tmp_path: Path) -> None:
 
 
 def test_run_no_panel_logs_status_lines(tmp_path: Path) -> None:
-    env = {**FAST_SIM, "TTY_COMPATIBLE": "1", "TAGWRITER_METRICS_LOG_INTERVAL": "0.2"}
+    env = {**FAST_SIM, "TTY_COMPATIBLE": "1", "TAGWRITER_METRICS__LOG_INTERVAL": "0.2"}
     result = invoke(["run", "--duration", "1", "--no-panel"], env=env)
     assert result.exit_code == 0, result.output
     assert "╭─" not in result.stdout
@@ -312,17 +321,20 @@ def test_run_exits_1_when_values_cannot_be_spooled(tmp_path: Path) -> None:
     (tmp_path / "bad.db").write_bytes(b"this is not a SQLite database file, just text" * 20)
     (tmp_path / "afile").write_text("a file where the backup folder should be")
     (tmp_path / "in.jsonl").write_text(jsonl(20))
-    env = {"TAGWRITER_BACKUP_DIRECTORY": "afile/backup"}
+    env = {"TAGWRITER_BACKUP__DIRECTORY": "afile/backup"}
     result = invoke(["run", "-i", "in.jsonl", "--database", "sqlite:///bad.db"], env=env)
     assert result.exit_code == 1
-    assert "error: 20 values could not be written or spooled" in result.stderr
+    # Found at start, before any value is taken (not at the first outage).
+    assert "error: the backup folder afile/backup cannot be made:" in result.stderr
+    assert "hint: check backup.directory" in result.stderr
+    assert "submitted" not in result.stdout
 
 
 # -- pieces -----------------------------------------------------------------------------------
 
 
 def test_second_signal_asks_to_hurry() -> None:
-    requests = StopRequests()
+    requests = SignalRequests()
     requests.handle(signal.SIGTERM, None)
     assert requests.stop.is_set() and not requests.hurry.is_set() and requests.reason == "SIGTERM"
     requests.handle(signal.SIGINT, None)

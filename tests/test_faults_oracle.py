@@ -32,14 +32,15 @@ from pathlib import Path
 import pytest
 from faultproxy import FaultProxy, FaultRow, Feeder, TimedSink, Values, record
 from oracle_fake import FakeDriver, FakeServer, refused
-from procs import free_port, metric, run_env, start_run, summary, wait_until
+from procs import free_port, metric, run_env, start_run, summary
+from waits import wait_until
 
 from tagwriter.config import BackupConfig, Config, DatabaseConfig, WriterConfig
 from tagwriter.metrics import MetricsSnapshot
 from tagwriter.models import to_epoch_us
 from tagwriter.pipeline import Pipeline
 from tagwriter.sinks.oracle import OracleSink
-from tagwriter.spool import read_spool
+from tagwriter.spoolformat import read_spool
 
 PASSWORD = "tiger-secret-pw"
 CONNECT = 0.5  # connect_timeout and pool_wait_timeout
@@ -109,7 +110,7 @@ def run_without_server(tmp_path: Path, proxy: FaultProxy, faults: list[str], sec
         for i, fault in enumerate(faults):
             set_fault(proxy, fault)
             time.sleep(max(0.0, began + (i + 1) * share - time.monotonic()))
-        wait_until(lambda: p.writer.in_outage, BOUND, "outage mode")
+        wait_until(lambda: p.in_outage, "outage mode", BOUND)
         feeder.stop()
         stop_began = time.monotonic()
         assert p.stop(cfg.writer.shutdown_timeout)
@@ -164,9 +165,9 @@ def test_sigterm_during_an_outage(tmp_path: Path, proxy: FaultProxy, fault: str)
     port = free_port()
     proc = start_run(tmp_path, "--metrics-port", str(port), env=run_env(TAGWRITER_DATABASE_PASSWORD=PASSWORD))
     try:
-        wait_until(lambda: metric(port, "state") == "outage", 20, "outage mode")
-        wait_until(lambda: (metric(port, "spooled") or 0) > 0 and (metric(port, "pending") or 0) > 0, 10,
-                   "values spooled and more pending")
+        wait_until(lambda: metric(port, "state") == "outage", "outage mode", 20)
+        wait_until(lambda: (metric(port, "spooled") or 0) > 0 and (metric(port, "pending") or 0) > 0,
+                   "values spooled and more pending", 10)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=SHUTDOWN + 30)
@@ -211,7 +212,7 @@ def replayed_at_least(p: Pipeline, n: int) -> bool:
 
 def drained(p: Pipeline, server: FakeServer, expected: int) -> bool:
     s = p.snapshot()
-    return s.backlog_files == 0 and not p.writer.in_outage and len(server.stored()) >= expected
+    return s.backlog_files == 0 and not p.in_outage and len(server.stored()) >= expected
 
 
 def test_fake_server_outage_mid_run_then_every_value_once(tmp_path: Path) -> None:
@@ -223,15 +224,18 @@ def test_fake_server_outage_mid_run_then_every_value_once(tmp_path: Path) -> Non
     p = Pipeline(cfg, sink=sink).start()
     feeder = Feeder(p, tags=20).start()
     try:
-        wait_until(lambda: p.snapshot().written >= 300, 10, "live writes")
+        wait_until(lambda: p.snapshot().written >= 300, "live writes", 10)
         server.go_down(refused)
-        wait_until(lambda: p.writer.in_outage, 10, "outage mode")
-        time.sleep(2.0)
+        down_at = time.monotonic()
+        wait_until(lambda: p.in_outage, "outage mode", 10)
+        spooled_at = p.snapshot().spooled
+        wait_until(lambda: p.snapshot().spooled > spooled_at, "values arriving in the outage to spool", 10)
+        time.sleep(max(0.0, down_at + 2.0 - time.monotonic()))  # the outage lasts its 2 s
         server.come_up()
-        wait_until(lambda: not p.writer.in_outage, 10, "recovery")
+        wait_until(lambda: not p.in_outage, "recovery", 10)
         feeder.stop()
         assert p.flush(10)
-        wait_until(lambda: drained(p, server, len(feeder.values)), 30, "the drain")
+        wait_until(lambda: drained(p, server, len(feeder.values)), "the drain", 30)
     finally:
         feeder.stop()
         p.stop()
@@ -269,10 +273,10 @@ def test_fake_server_restart_during_the_spool_drain(tmp_path: Path) -> None:
         try:
             feeder.submit_many(2)
             if run == 2:
-                wait_until(partial(replayed_at_least, p, 1000), 20, "run 2 to drain a part")
+                wait_until(partial(replayed_at_least, p, 1000), "run 2 to drain a part", 20)
                 assert p.snapshot().backlog_files > 0
             else:
-                wait_until(partial(drained, p, server, len(feeder.values)), 30, "run 3 to drain the rest")
+                wait_until(partial(drained, p, server, len(feeder.values)), "run 3 to drain the rest", 30)
         finally:
             p.stop()
         snaps.append(p.snapshot())

@@ -30,13 +30,15 @@ from pathlib import Path
 import pytest
 from faultproxy import FaultProxy, FaultRow, Feeder, TimedSink, Values, record
 from pg_util import PgDatabase, fresh_database
-from procs import free_port, metric, run_env, start_run, summary, wait_until
+from procs import free_port, metric, metrics, run_env, start_run, summary
+from waits import wait_until
 
 from tagwriter.config import BackupConfig, Config, DatabaseConfig, WriterConfig
 from tagwriter.metrics import MetricsSnapshot
 from tagwriter.pipeline import Pipeline
 from tagwriter.replay import replay_files
-from tagwriter.sinks.postgresql import _COPY, CONFLICT_MODE_BATCHES, PostgresSink
+from tagwriter.sinks.postgresql import CONFLICT_MODE_BATCHES, PostgresSink
+from tagwriter.sinks.postgresql.sink import _COPY
 from tagwriter.spool import Spool
 
 CALL_TIMEOUT = 2.0
@@ -188,8 +190,8 @@ def replayed_at_least(p: Pipeline, n: int) -> bool:
 def wait_drained(p: Pipeline, db: PgDatabase, expected: int, timeout: float) -> None:
     def done() -> bool:
         s = p.snapshot()
-        return s.backlog_files == 0 and not p.writer.in_outage and db.count() >= expected
-    wait_until(done, timeout, "the automatic drain to empty the spool")
+        return s.backlog_files == 0 and not p.in_outage and db.count() >= expected
+    wait_until(done, "the automatic drain to empty the spool", timeout)
 
 
 @pytest.fixture
@@ -218,7 +220,7 @@ def test_outage_from_the_start(db: PgDatabase, proxy: FaultProxy, tmp_path: Path
         assert p.flush(10)
         s = p.snapshot()
         assert s.spooled == s.submitted == 3000 and s.written == 0
-        assert p.writer.in_outage
+        assert p.in_outage
         assert db.count() == 0
         proxy.pass_through()
         wait_drained(p, db, 3000, 30)
@@ -235,14 +237,15 @@ def test_outage_mid_run_longer_than_the_retry_schedule(db: PgDatabase, proxy: Fa
     with scenario_run(cfg) as run:
         p = run.p
         run.feeder.start()
-        wait_until(lambda: p.snapshot().written >= 1000, 15, "live writes")
+        wait_until(lambda: p.snapshot().written >= 1000, "live writes", 15)
         proxy.refuse()
-        wait_until(lambda: p.writer.in_outage, 10, "outage mode")
+        down_at = time.monotonic()
+        wait_until(lambda: p.in_outage, "outage mode", 10)
         spooled_at = p.snapshot().spooled
-        time.sleep(3.0)  # the outage itself: values keep arriving and spool
-        assert p.snapshot().spooled > spooled_at
+        wait_until(lambda: p.snapshot().spooled > spooled_at, "values arriving in the outage to spool", 10)
+        time.sleep(max(0.0, down_at + 3.0 - time.monotonic()))  # the outage lasts its 3 s
         proxy.pass_through()
-        wait_until(lambda: not p.writer.in_outage, 10, "recovery")
+        wait_until(lambda: not p.in_outage, "recovery", 10)
         recover(run, proxy, db, 30)
     s = run.snapshot
     assert s is not None and s.spooled > 0 and s.retries >= len(cfg.writer.retry_delays) and s.outages >= 1
@@ -260,7 +263,7 @@ def test_reset_in_the_middle_of_a_copy(db: PgDatabase, proxy: FaultProxy, tmp_pa
         proxy.reset_after(6000, only=b"d", times=5)  # a 500-row batch is ~30 kB of CopyData
         feeder.submit_many(40)
         assert p.flush(20)
-        wait_until(lambda: proxy.resets_pending == 0, 20, "all five resets")
+        wait_until(lambda: proxy.resets_pending == 0, "all five resets", 20)
         assert proxy.stats.reset_mid_message == b"d"
         wait_drained(p, db, len(feeder.values), 30)
     s = run.snapshot
@@ -306,16 +309,16 @@ def black_hole(db: PgDatabase, proxy: FaultProxy, tmp_path: Path, seconds: float
     bound = max(call_timeout, CONNECT_TIMEOUT) + SLACK
     with scenario_run(cfg) as run:
         p, sink, feeder = run.p, run.sink, run.feeder.start()
-        wait_until(lambda: p.snapshot().written >= 500, 15, "live writes")
+        wait_until(lambda: p.snapshot().written >= 500, "live writes", 15)
         proxy.blackhole()
         began = time.monotonic()
-        wait_until(lambda: p.writer.in_outage, 2 * bound + 1, "outage mode")
+        wait_until(lambda: p.in_outage, "outage mode", 2 * bound + 1)
         while time.monotonic() - began < seconds:
             s = p.snapshot()
             # Nothing waits for the black hole: the buffer stays small and values spool.
             assert s.pending <= 2 * (bound / feeder.interval) * feeder.tags + 1000, s
-            time.sleep(0.2)
-        assert p.snapshot().spooled > 0
+            time.sleep(0.2)  # samples the bound while the black hole lasts
+        wait_until(lambda: p.snapshot().spooled > 0, "values to spool in the black hole", bound)
         assert sink.longest < bound, (sink.longest_call, sink.longest)
         recover(run, proxy, db, 60)
     assert run.snapshot is not None and run.snapshot.spooled > 0
@@ -342,7 +345,7 @@ def test_flapping(db: PgDatabase, proxy: FaultProxy, tmp_path: Path) -> None:
     with scenario_run(cfg) as run:
         p = run.p
         run.feeder.start()
-        wait_until(lambda: p.snapshot().written >= 200, 15, "live writes")
+        wait_until(lambda: p.snapshot().written >= 200, "live writes", 15)
         began = time.monotonic()
         down = False
         while time.monotonic() - began < FLAP_SECONDS:
@@ -376,7 +379,7 @@ def test_restart_during_the_spool_drain(db: PgDatabase, proxy: FaultProxy, tmp_p
         try:
             feeder.submit_many(5)  # live values meanwhile
             if run == 2:
-                wait_until(partial(replayed_at_least, p, 1500), 20, "run 2 to drain a part")
+                wait_until(partial(replayed_at_least, p, 1500), "run 2 to drain a part", 20)
                 assert p.snapshot().backlog_files > 0
             else:
                 wait_drained(p, db, len(feeder.values), 30)
@@ -394,6 +397,14 @@ def test_restart_during_the_spool_drain(db: PgDatabase, proxy: FaultProxy, tmp_p
 # -- SIGTERM to `tagwriter run` during an outage ----------------------------------------
 
 SHUTDOWN = 3.0
+QUEUED_BEHIND = 100  # values: half a second of the simulated source; a working writer holds ~20
+
+
+def hung_write(port: int) -> bool:
+    """A batch is in flight, the writer still `writing` (no call_timeout yet), and values pile up behind it."""
+    m = metrics(port)
+    return (m is not None and m["state"] == "writing" and m["inflight"] > 0
+            and m["pending"] - m["inflight"] >= QUEUED_BEHIND)
 
 
 @pytest.mark.parametrize("fault", ["refuse", "blackhole"])
@@ -417,16 +428,14 @@ def test_sigterm_during_an_outage_spools_everything_in_time(
     port = free_port()
     proc = start_run(tmp_path, "--metrics-port", str(port), env=run_env())
     try:
-        wait_until(lambda: db.count() >= 100, 30, "rows written through the proxy")
+        wait_until(lambda: db.count() >= 100, "rows written through the proxy", 30)
         if fault == "refuse":
             proxy.refuse()
-            wait_until(lambda: metric(port, "state") == "outage", 10, "outage mode")
-            wait_until(lambda: (metric(port, "spooled") or 0) > 0, 10, "values spooled")
+            wait_until(lambda: metric(port, "state") == "outage", "outage mode", 10)
+            wait_until(lambda: (metric(port, "spooled") or 0) > 0, "values spooled", 10)
         else:
             proxy.blackhole()
-            wait_until(lambda: (metric(port, "inflight") or 0) > 0, 10, "a write hanging in the black hole")
-            time.sleep(1.0)
-            assert metric(port, "state") == "writing" and (metric(port, "pending") or 0) > 0
+            wait_until(partial(hung_write, port), "a write hanging in the black hole, values queued behind it", 10)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=SHUTDOWN + 30)

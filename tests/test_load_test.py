@@ -92,10 +92,13 @@ def test_default_database_is_a_temporary_sqlite_file(tmp_path: Path) -> None:
     # the batch waits 2 s to fill, so a 1,000-value buffer fills well past 5% within the 0.6 s measured
     (["--capacity", "1000", "--batch-size", "1000", "--flush-interval", "2", "--max-buffer-pct", "5"],
      "--max-buffer-pct"),
-    # polling groups of 200 values into a 100-value buffer: drop-oldest must drop
+    # polling groups of 200 values into a 100-value buffer: drop-oldest (chosen below) must drop
     (["--tags", "200", "--capacity", "100", "--batch-size", "100"], "--max-dropped"),
 ])
-def test_each_violated_threshold_exits_1_naming_it(tmp_path: Path, args: list[str], option: str) -> None:
+def test_each_violated_threshold_exits_1_naming_it(
+    tmp_path: Path, args: list[str], option: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TAGWRITER_BUFFER__OVERFLOW_POLICY", "drop-oldest")  # the default spills instead
     result, report = run_json([*SMALL, *args], tmp_path)
     assert result.exit_code == 1, result.output
     assert f"FAIL {option}" in result.output
@@ -106,7 +109,8 @@ def test_each_violated_threshold_exits_1_naming_it(tmp_path: Path, args: list[st
     assert report["ok"] is False
 
 
-def test_the_dropped_threshold_counts_the_metrics_drops(tmp_path: Path) -> None:
+def test_the_dropped_threshold_counts_the_metrics_drops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TAGWRITER_BUFFER__OVERFLOW_POLICY", "drop-oldest")  # the default spills instead
     args = [*SMALL, "--tags", "200", "--capacity", "100", "--batch-size", "100"]
     _, report = run_json([*args, "--max-dropped", "1000000"], tmp_path)
     counts = report["result"]["counts"]
@@ -260,10 +264,10 @@ def test_against_real_postgresql(tmp_path: Path) -> None:
 
     with fresh_database("tw_load") as db:
         url = db.url()
-        created = runner.invoke(app, ["init-db"], env={"TAGWRITER_DATABASE_URL": url})
+        created = runner.invoke(app, ["init-db"], env={"TAGWRITER_DATABASE__URL": url})
         assert created.exit_code == 0, created.output
         result = runner.invoke(app, ["--log-level", "WARNING", "load-test", *SMALL, "--json", "report.json"],
-                               env={"TAGWRITER_DATABASE_URL": url})  # configured: used instead of a temporary file
+                               env={"TAGWRITER_DATABASE__URL": url})  # configured: used instead of a temporary file
         report = json.loads(Path("report.json").read_text())
         validate(report)
         assert result.exit_code == 0, result.output

@@ -31,7 +31,7 @@ from tagwriter.models import PollingData, TagValue
 from tagwriter.pipeline import Pipeline
 from tagwriter.sinks.memory import MemorySink
 from tagwriter.sinks.sqlite import SqliteSink
-from tagwriter.spool import SpoolLine, read_spool
+from tagwriter.spoolformat import SpoolLine, read_spool
 
 CHECKED_TABLE = (
     "CREATE TABLE tag_values (tag_name TEXT NOT NULL, ts TEXT NOT NULL, "

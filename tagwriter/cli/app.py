@@ -14,6 +14,7 @@ from tagwriter.cli.load_test import load_test
 from tagwriter.cli.overflow_test import overflow_test
 from tagwriter.cli.replay import replay
 from tagwriter.cli.run import run
+from tagwriter.cli.signals import release_early
 from tagwriter.cli.status import status
 from tagwriter.cli.test_connection import test_connection
 from tagwriter.cli.version import version
@@ -45,6 +46,8 @@ def common(
     ] = None,
 ) -> None:
     """Store-and-forward writer for industrial tag data."""
+    if ctx.invoked_subcommand != "run":  # only `run` handles signals; the others get the defaults back
+        release_early()
     ctx.obj = GlobalOptions(config, log_level, log_file)
 
 

@@ -7,7 +7,7 @@ import platform
 
 import typer
 
-from tagwriter import __version__
+from tagwriter._version import __version__
 
 
 def version(

@@ -4,41 +4,47 @@ jsonl: `{"tag": "line1.temp", "ts": "2024-05-01T12:00:00Z", "value": 21.5, "qual
 (`ts` ISO-8601 or epoch seconds, `value` a number or null, `quality` optional).
 csv: a header naming `tag` (or `tag_name`), `ts`, `value` and optionally `quality`.
 
-Input is read in blocks of what is available (`read1`), so memory stays bounded
+Input is read in blocks of what is available (`read1`; stdin through its
+descriptor, so a stop is noticed while it waits), so memory stays bounded
 and values that trickle in through a pipe are submitted without waiting for a
 full chunk. A malformed line never stops the run: it is counted, logged
-(rate-limited) with its file:line, and kept in the quarantine folder.
+(rate-limited) with its file:line, and kept in the quarantine folder (bytes
+that are not UTF-8 as \\xNN escapes, as replay keeps them). Malformed includes
+a number no float holds (400 digits), JSON nested too deep, and a tag name
+`models.check_tag_names` refuses (control characters, lone surrogates).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
+import os
+import select
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
-from tagwriter.errors import InputError, PipelineStopped, SpoolError
-from tagwriter.models import GOOD_QUALITY, TagValue, check_tag_names, parse_ts, to_epoch_us
-
-if TYPE_CHECKING:
-    from tagwriter.pipeline import Pipeline
+from tagwriter.errors import InputError, PipelineStopped
+from tagwriter.intake import Intake
+from tagwriter.models import GOOD_QUALITY, TagValue, check_tag_names, parse_ts, short_repr, to_epoch_us
+from tagwriter.spoolformat import visible
 
 log = logging.getLogger(__name__)
 
 KINDS = ("jsonl", "csv")
 CHUNK_ROWS = 500  # rows per submit: one buffer lock per few hundred values
 READ_BYTES = 64 * 1024
+STOP_LOOK = 0.1  # seconds a read of stdin waits for input before it looks at `stop` again
 MAX_LINE_BYTES = 1024 * 1024  # a longer "line" is reported as bad, not held in memory
 QUALITY_MAX = 65_535
 UTF8_BOM = b"\xef\xbb\xbf"
-ROOM_CHECK = 0.1  # seconds between checks of `stop` while waiting for room in the buffer
 
 
 @dataclass(slots=True)
@@ -104,6 +110,8 @@ class LineSource:
     def _lines(self, stream: BinaryIO, stop: threading.Event | None) -> Iterator[tuple[int, bytes | None]]:
         """(line number, line without its end); None for an oversized line; (-1, b"") ends one read."""
         read = getattr(stream, "read1", stream.read)
+        if stream is sys.stdin.buffer and stop is not None:
+            read = _stdin_reader(stop) or read
         tail = b""
         skipping = False  # inside an oversized line: discard up to its end
         lineno = 0
@@ -144,7 +152,9 @@ class LineSource:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            chunk.bad.append(InputError(location, f"not UTF-8 ({exc.reason})", line.decode("utf-8", "replace")))
+            # Kept as replay keeps such lines: the bytes that are not UTF-8 as \xNN escapes, never U+FFFD.
+            raw_text = visible(line.decode("utf-8", "surrogateescape"))
+            chunk.bad.append(InputError(location, f"not UTF-8 ({exc.reason} at byte {exc.start + 1})", raw_text))
             return
         try:
             if self.kind == "jsonl":
@@ -153,8 +163,34 @@ class LineSource:
                 self._columns = parse_csv_header(text, location)
             else:
                 chunk.rows.append(parse_csv(text, self._columns))
-        except ValueError as exc:
-            chunk.bad.append(InputError(location, str(exc), text))
+        except (ValueError, ArithmeticError, RecursionError) as exc:  # one bad line, never the end of the run
+            reason = str(exc) if isinstance(exc, ValueError) else f"cannot be parsed ({type(exc).__name__}: {exc})"
+            chunk.bad.append(InputError(location, reason, text))
+
+
+def _stdin_reader(stop: threading.Event) -> Callable[[int], bytes] | None:
+    """A read of what stdin has, which returns b"" soon after `stop` is set; None if stdin has no descriptor.
+
+    A thread blocked in `sys.stdin.buffer.read1` holds the buffer's lock, and
+    the interpreter aborts at exit if it still does ("Fatal Python error:
+    _enter_buffered_busy"): read the descriptor itself, waiting in `select`.
+    """
+    try:
+        fd = sys.stdin.buffer.fileno()
+    except (OSError, ValueError, io.UnsupportedOperation):  # replaced by a test harness
+        return None
+
+    def read(n: int) -> bytes:
+        while not stop.is_set():
+            try:
+                ready, _, _ = select.select([fd], [], [], STOP_LOOK)
+            except (OSError, ValueError):  # no select on this kind of file (Windows): block
+                return os.read(fd, n)
+            if ready:
+                return os.read(fd, n)
+        return b""
+
+    return read
 
 
 def parse_jsonl(text: str) -> TagValue:
@@ -163,6 +199,10 @@ def parse_jsonl(text: str) -> TagValue:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise ValueError("not JSON tagwriter can read: nested too deep") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise ValueError(f"not JSON tagwriter can read: {exc}") from None
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     for key in ("tag", "ts", "value"):
@@ -171,13 +211,13 @@ def parse_jsonl(text: str) -> TagValue:
     ts = obj["ts"]
     if isinstance(ts, str):
         ts_us = _ts(ts)
-    elif isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts):
-        ts_us = to_epoch_us(ts)
+    elif isinstance(ts, (int, float)) and not isinstance(ts, bool):
+        ts_us = to_epoch_us(ts)  # ValueError for NaN, inf and a number outside the years 1-9999
     else:
-        raise ValueError(f"ts must be ISO-8601 text or epoch seconds, not {ts!r}")
+        raise ValueError(f"ts must be ISO-8601 text or epoch seconds, not {short_repr(ts)}")
     value = obj["value"]
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ValueError(f"value must be a number or null, not {value!r}")
+        raise ValueError(f"value must be a number or null, not {short_repr(value)}")
     return TagValue(_tag(obj["tag"]), ts_us, _finite(value), _quality(obj.get("quality", GOOD_QUALITY)))
 
 
@@ -218,7 +258,7 @@ def parse_csv(text: str, columns: dict[str, int]) -> TagValue:
 
 def _tag(tag: Any) -> str:
     if not isinstance(tag, str) or not tag:
-        raise ValueError(f"tag must be a non-empty string, not {tag!r}")
+        raise ValueError(f"tag must be a non-empty string, not {short_repr(tag)}")
     check_tag_names((tag,))
     return tag
 
@@ -233,7 +273,10 @@ def _ts(text: str) -> int:
 def _finite(value: float | None) -> float | None:
     if value is None:
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # a JSON integer of 400 digits
+        raise ValueError(f"value {short_repr(value)} is too large for a float") from None
     if not math.isfinite(value):
         raise ValueError(f"value {value!r} is not finite")
     return value
@@ -241,7 +284,7 @@ def _finite(value: float | None) -> float | None:
 
 def _quality(q: Any) -> int:
     if isinstance(q, bool) or not isinstance(q, int) or not 0 <= q <= QUALITY_MAX:
-        raise ValueError(f"quality must be an integer 0..{QUALITY_MAX}, not {q!r}")
+        raise ValueError(f"quality must be an integer 0..{QUALITY_MAX}, not {short_repr(q)}")
     return q
 
 
@@ -291,31 +334,35 @@ class FeedResult:
     error: InputError | None = None
 
 
-def feed(source: LineSource, pipeline: Pipeline, stop: threading.Event, result: FeedResult | None = None) -> FeedResult:
-    """Submit every row of `source` to `pipeline` until end of input or `stop`.
+def feed(source: LineSource, intake: Intake, stop: threading.Event, result: FeedResult | None = None) -> FeedResult:
+    """Submit every row of `source` to `intake` until end of input or `stop`.
 
-    Malformed lines are counted (`metrics.record_bad_input`), logged
-    (rate-limited) and quarantined. A source that cannot be read at all ends
+    Malformed lines are counted, logged (rate-limited) and quarantined
+    (`intake.quarantine_input`). A source that cannot be read at all ends
     the feed with `result.error` set. `result` may be passed in so another
     thread can watch it.
 
     A file has no real-time constraint, so the feed waits for room in the
     buffer before each submit (back-pressure) instead of letting the overflow
-    policy drop or spill values when the input outruns the database.
+    policy drop or spill values when the input outruns the database. Rows
+    already read off the input when `stop` comes are handed to the spool,
+    never left behind.
     """
     result = result if result is not None else FeedResult()
     bad_log = BadLineLog()
     try:
         for chunk in source.chunks(stop):
             if chunk.bad:
-                _keep_bad(pipeline, chunk.bad, bad_log)
+                _keep_bad(intake, chunk.bad, bad_log)
                 result.bad += len(chunk.bad)
-            step = pipeline.buffer.capacity
+            step = intake.capacity
             for start in range(0, len(chunk.rows), step):
                 rows = chunk.rows[start:start + step]
-                if not wait_for_room(pipeline, len(rows), stop):
+                if not intake.wait_for_room(len(rows), stop):
+                    result.rows += intake.spool_rows(chunk.rows[start:])
+                    log.info("input: stopped after %d rows from %s", result.rows, source.name)
                     break
-                pipeline.submit(rows)
+                intake.submit(rows)
                 result.rows += len(rows)
         else:
             result.ended = not stop.is_set()
@@ -328,27 +375,25 @@ def feed(source: LineSource, pipeline: Pipeline, stop: threading.Event, result: 
     return result
 
 
-def wait_for_room(pipeline: Pipeline, n: int, stop: threading.Event) -> bool:
-    """Wait until the buffer has room for `n` rows; False if `stop` was set meanwhile.
-
-    Returns True at once when the pipeline is not accepting (its submit then
-    says so). Only this feed waits: the buffer's policy is left to live sources.
-    """
-    buffer = pipeline.buffer
-    need = min(n, buffer.capacity)
-    with buffer.not_full:
-        while buffer.capacity - len(buffer) < need and pipeline.running:
-            if stop.is_set():
-                return False
-            buffer.not_full.wait(ROOM_CHECK)
-    return True
-
-
-def _keep_bad(pipeline: Pipeline, bad: list[InputError], bad_log: BadLineLog) -> None:
-    pipeline.metrics.record_bad_input(len(bad))
+def _keep_bad(intake: Intake, bad: list[InputError], bad_log: BadLineLog) -> None:
     for item in bad:
         bad_log.add(item)
-    try:
-        pipeline.spool.quarantine_lines((b.location, b.reason, b.raw) for b in bad)
-    except SpoolError as exc:
-        log.error("cannot quarantine %d malformed lines (first %s): %s", len(bad), bad[0].location, exc)
+    intake.quarantine_input([(b.location, b.reason, b.raw) for b in bad])
+
+
+class FileSource:
+    """A jsonl or csv file (or stdin, path '-') as a `Source`; `result` says what the feed did.
+
+    `run` raises InputError when the input cannot be read at all.
+    """
+
+    def __init__(self, kind: str, path: str) -> None:
+        self.lines = LineSource(kind, path)
+        self.name = f"{kind} from {self.lines.name}"
+        self.result = FeedResult()
+
+    def run(self, intake: Intake, stop: threading.Event) -> None:
+        log.info("reading %s", self.name)
+        feed(self.lines, intake, stop, self.result)
+        if self.result.error is not None:
+            raise self.result.error

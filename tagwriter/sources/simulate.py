@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import threading
@@ -10,7 +11,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tagwriter.config import SourceConfig
+from tagwriter.errors import PipelineStopped
+from tagwriter.intake import Intake
 from tagwriter.models import PollingData, to_epoch_us
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -108,3 +113,25 @@ def run_paced(
         submit(poll)
         n += 1
     return n
+
+
+class SimulatedSource:
+    """The simulator as a `Source`: polls in real time until stopped, or for `duration` seconds."""
+
+    def __init__(self, sim: Simulator, *, duration: float | None = None) -> None:
+        self.sim = sim
+        self.duration = duration
+        self.name = f"simulate ({sim.groups} groups x {sim.tags_per_group} tags every {sim.interval:g}s)"
+        self.polls = 0
+
+    def run(self, intake: Intake, stop: threading.Event) -> None:
+        def submit(poll: PollingData) -> None:
+            try:
+                intake.submit(poll)
+            except PipelineStopped:
+                stop.set()
+
+        sim = self.sim
+        log.info("simulating %d groups x %d tags every %gs (%s values/s)",
+                 sim.groups, sim.tags_per_group, sim.interval, f"{sim.rate:,.0f}")
+        self.polls = run_paced(sim, submit, stop, duration=self.duration)

@@ -113,12 +113,12 @@ def run_tagwriter(
     db.unlink(missing_ok=True)
     p = Pipeline(tagwriter_config(work))
     if profilers is not None:
-        run = p.writer._run
+        run = p._writer._run
 
         def profiled_run() -> None:
             profilers["writer"].runcall(run)
 
-        p.writer._thread = threading.Thread(target=profiled_run, name="tagwriter-writer", daemon=True)
+        p._writer._thread = threading.Thread(target=profiled_run, name="tagwriter-writer", daemon=True)
     p.start()
     deadline = time.monotonic() + 30
     while p.snapshot().state != "writing":  # the table exists and the writer waits
