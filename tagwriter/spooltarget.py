@@ -76,3 +76,56 @@ def target_database(target: str, base: DatabaseConfig) -> DatabaseConfig | None:
     except ConfigError:
         return None
     return dataclasses.replace(base, url=where, user="", dsn="", table=table)  # the URL names the user
+
+
+class TargetMismatch(ConfigError):
+    """The files were spooled for another database than the one chosen (the CLI exits 2)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReplayDatabase:
+    """Where a replay goes, and a line for the operator when it is the recorded target."""
+
+    database: DatabaseConfig
+    note: str = ""
+
+
+def replay_database(
+    configured: DatabaseConfig, paths: list[Path], *, chosen: str = "", given_as_flag: bool = False,
+    ignore_target: bool = False,
+) -> ReplayDatabase:
+    """The database to replay `paths` into: the one their spool folder records, unless one is chosen.
+
+    `chosen` says where `configured` was chosen ('' = the built-in default).
+    Raises TargetMismatch when folders record different databases, or the
+    chosen database differs from the recorded one (unless `ignore_target`).
+    """
+    from tagwriter.sinks import create_sink  # the drivers load only when a replay needs them
+
+    recorded: dict[str, list[Path]] = {}
+    for folder in dict.fromkeys(p.parent for p in paths):
+        # a replayed/ or quarantine/ folder holds files of the spool folder above it
+        for where in (folder, folder.parent):
+            if target := read_target(where):
+                recorded.setdefault(target, []).append(where / TARGET_FILE)
+                break
+    if not recorded or (ignore_target and chosen):
+        return ReplayDatabase(configured)
+    if len(recorded) > 1:
+        names = "; ".join(f"{t} ({', '.join(map(str, marks))})" for t, marks in recorded.items())
+        raise TargetMismatch(f"the files were spooled for different databases: {names}",
+                             hint="replay the files of one spool folder at a time")
+    [(target, marks)] = recorded.items()
+    current = sink_target(create_sink(configured))
+    if current == target:
+        return ReplayDatabase(configured)
+    if chosen:
+        raise TargetMismatch(
+            f"the files were spooled for {target} ({marks[0]}), not for {current} ({chosen})",
+            hint=f"leave out {'--database' if given_as_flag else 'the database setting'} to replay into {target}, "
+                 f"or add --ignore-target to replay into {current} anyway")
+    db = target_database(target, configured)
+    if db is None:
+        raise TargetMismatch(f"the files were spooled for {target} ({marks[0]}), which names no database URL",
+                             hint="give it with --database URL")
+    return ReplayDatabase(db, f"replaying into {target} (recorded in {marks[0]})")

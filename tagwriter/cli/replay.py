@@ -39,7 +39,7 @@ from tagwriter.replay import Progress as ProgressCallback
 from tagwriter.sinks import create_sink
 from tagwriter.spool import Spool
 from tagwriter.spoolformat import count_lines
-from tagwriter.spooltarget import TARGET_FILE, read_target, sink_target, target_database
+from tagwriter.spooltarget import TargetMismatch, replay_database
 
 PLAIN_EVERY = 5.0  # seconds between plain progress lines
 SHOWN_PROBLEMS = 10  # bad lines printed per file (all are counted and quarantined)
@@ -217,39 +217,15 @@ def _print_report(console: Console, report: ReplayReport, spool: Spool) -> None:
 def _database(
     ctx: typer.Context, config: Config, paths: list[Path], *, given: str | None, ignore_target: bool, console: Console
 ) -> DatabaseConfig:
-    """The database to replay `paths` into: the one their spool folder records, unless one is chosen.
-
-    Exit 2 when folders record different databases, or the configured or
-    `given` one differs from the recorded one (unless `ignore_target`).
-    """
-    recorded: dict[str, list[Path]] = {}
-    for folder in dict.fromkeys(p.parent for p in paths):
-        # a replayed/ or quarantine/ folder holds files of the spool folder above it
-        for where in (folder, folder.parent):
-            if target := read_target(where):
-                recorded.setdefault(target, []).append(where / TARGET_FILE)
-                break
-    chosen = _database_chosen(ctx, given)
-    if not recorded or (ignore_target and chosen):
-        return config.database
-    if len(recorded) > 1:
-        names = "; ".join(f"{t} ({', '.join(map(str, marks))})" for t, marks in recorded.items())
-        raise fail(f"the files were spooled for different databases: {names}",
-                   "replay the files of one spool folder at a time", code=2)
-    [(target, marks)] = recorded.items()
-    configured = sink_target(create_sink(config.database))
-    if configured == target:
-        return config.database
-    if chosen:
-        raise fail(f"the files were spooled for {target} ({marks[0]}), not for {configured} ({chosen})",
-                   f"leave out {'--database' if given else 'the database setting'} to replay into {target}, "
-                   f"or add --ignore-target to replay into {configured} anyway", code=2)
-    db = target_database(target, config.database)
-    if db is None:
-        raise fail(f"the files were spooled for {target} ({marks[0]}), which names no database URL",
-                   "give it with --database URL", code=2)
-    console.print(f"replaying into {target} (recorded in {marks[0]})", markup=False)
-    return db
+    """The database to replay into (see `spooltarget.replay_database`); exit 2 on a mismatch."""
+    try:
+        choice = replay_database(config.database, paths, chosen=_database_chosen(ctx, given),
+                                 given_as_flag=bool(given), ignore_target=ignore_target)
+    except TargetMismatch as exc:
+        raise fail(str(exc), exc.hint, code=2) from None
+    if choice.note:
+        console.print(choice.note, markup=False)
+    return choice.database
 
 
 def _database_chosen(ctx: typer.Context, given: str | None) -> str:
