@@ -204,7 +204,8 @@ def snapshot_families(s: MetricsSnapshot) -> Iterator[Metric]:
                  "Overflow evictions per value submitted over the last hour, 0 to 1.", s.overflow_rate_1h_pct / 100.0)
     yield _gauge("tagwriter_backup_files", "Spool (backup) files, the open one included.", s.backup_files)
     yield _gauge("tagwriter_backup_bytes", "Size of the spool (backup) folder.", s.backup_bytes)
-    yield _gauge("tagwriter_spool_full", "1 if the spool reached backup.max_bytes or its disk is full.", 1.0 if s.spool_full else 0.0)
+    yield _gauge("tagwriter_spool_full", "1 if the spool reached backup.max_bytes or its disk is full.",
+                 1.0 if s.spool_full else 0.0)
     yield _gauge("tagwriter_held_spool_full", "Values held in memory because the spool is full.", s.held_spool_full)
     yield _gauge("tagwriter_backlog_rows", "Spooled rows waiting to be replayed.", s.backlog_rows)
     yield _gauge("tagwriter_backlog_files", "Spool files waiting to be replayed.", s.backlog_files)
