@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'tagwriter[postgres]')")
+psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (pip install '.[postgres]')")
 
 ADMIN_DSN = os.environ.get(
     "TAGWRITER_TEST_PG_ADMIN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"

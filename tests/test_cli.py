@@ -366,3 +366,11 @@ def test_run_never_logs_a_password_from_the_url(tmp_path: Path) -> None:
     assert "stopping: end of input" in log_text
     for part in (secret, "p@ss", "w0rd", "qp4ss"):
         assert part not in log_text
+
+
+def test_version_flag_prints_the_version_and_exits() -> None:
+    from tagwriter._version import __version__
+
+    result = invoke(["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"tagwriter {__version__}\n"

@@ -20,6 +20,7 @@ from tagwriter.models import TagValue, parse_ts
 from tagwriter.pipeline import Pipeline
 from tagwriter.sinks.memory import MemorySink
 from tagwriter.sources.files import MAX_LINE_BYTES, BadLineLog, Chunk, FeedResult, LineSource, feed
+from tagwriter.sources.simulate import Simulator
 
 
 def chunks_of(kind: str, data: bytes, **kw: int) -> list[Chunk]:
@@ -341,3 +342,19 @@ def test_feed_waiting_for_room_ends_when_stop_is_set_and_spools_the_chunk_it_hol
     # The chunk read off the input while waiting is spooled, not lost: every row read is accounted for.
     assert result.rows > held.submitted and s.spooled >= result.rows - held.submitted
     assert s.submitted == result.rows == s.accounted and s.dropped == 0
+
+
+# -- the simulator -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["sine", "random", "random-walk", "constant"])
+def test_the_same_seed_gives_the_same_values_whenever_the_run_starts(shape: str) -> None:
+    """`--seed` repeats a run: the default `sine` shape once followed the wall clock, so it did not."""
+
+    def values(seed: int, start: float) -> list[dict[str, float]]:
+        sim = Simulator(3, 4, 1.0, value_shape=shape, seed=seed)
+        return [poll.values for poll in sim.polls(start, count=30)]
+
+    first = values(7, 1_700_000_000.0)
+    assert first == values(7, 1_700_003_725.5)  # an hour and a bit later
+    assert first != values(8, 1_700_000_000.0)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from tagwriter._version import __version__
 from tagwriter.cli.common import GlobalOptions, GlobalOptionsGroup
 from tagwriter.cli.config_cmd import config_app
 from tagwriter.cli.init_db import init_db
@@ -30,6 +31,12 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tagwriter {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def common(
     ctx: typer.Context,
@@ -44,6 +51,10 @@ def common(
     log_file: Annotated[
         Path | None, typer.Option("--log-file", help="Also log to this rotating file (overrides logging.file).")
     ] = None,
+    show_version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, expose_value=True,
+                           help="Print the tagwriter version and exit.")
+    ] = False,
 ) -> None:
     """Store-and-forward writer for industrial tag data."""
     if ctx.invoked_subcommand != "run":  # only `run` handles signals; the others get the defaults back

@@ -28,7 +28,7 @@ def create_sink(config: DatabaseConfig) -> Sink:
         except ImportError as exc:
             raise ConfigError(
                 f"database.url: the postgresql sink needs psycopg: {exc}",
-                hint="pip install 'tagwriter[postgres]'",
+                hint="pip install 'psycopg[binary]' (or, from a tagwriter checkout, pip install '.[postgres]')",
             ) from None
         return PostgresSink.from_config(config)
     raise ConfigError(f"database.url: no sink for {kind}")  # pragma: no cover

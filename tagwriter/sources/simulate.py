@@ -63,14 +63,14 @@ class Simulator:
                 if count is not None and produced >= count:
                     return
                 ts = start + k * self.interval + g * self.interval / self.groups
-                values = self._values(rng, tags, state[g], ts)
+                values = self._values(rng, tags, state[g], ts - start)  # time since start: --seed repeats
                 quality = 0 if rng.random() * 100 < self.bad_quality_pct else self.quality
                 # Round once so every value of the group shares one exact timestamp.
                 yield PollingData(f"g{g:03d}", to_epoch_us(ts) / 1_000_000, values, quality)
                 produced += 1
             k += 1
 
-    def _values(self, rng: random.Random, tags: list[str], state: list[float], ts: float) -> dict[str, float]:
+    def _values(self, rng: random.Random, tags: list[str], state: list[float], t: float) -> dict[str, float]:
         shape = self.value_shape
         if shape == "constant":
             return dict(zip(tags, state, strict=True))
@@ -80,7 +80,7 @@ class Simulator:
             for i in range(len(state)):
                 state[i] += rng.gauss(0, 1)
             return dict(zip(tags, state, strict=True))
-        phase = ts / 60
+        phase = t / 60
         return {t: base + 10 * math.sin(phase + i) for i, (t, base) in enumerate(zip(tags, state, strict=True))}
 
 
