@@ -562,17 +562,23 @@ def test_stop_with_a_fatal_sink_spools_everything(tmp_path: Path) -> None:
     assert_identity(snap, 40)
 
 
-def test_stop_is_bounded_while_a_submit_waits_for_room(tmp_path: Path, released: list[MemorySink]) -> None:
-    """A producer blocked in submit (policy block, long timeout) neither delays stop nor loses rows."""
+def full_blocking_pipeline(tmp_path: Path, released: list[MemorySink], n: int) -> tuple[Pipeline, list[PollingData]]:
+    """Policy block, capacity 100: batch 1 hangs in the sink and group 2 fills the buffer; `n` groups of 100."""
     sink, _ = faulty_sqlite(tmp_path)
     released.append(sink)
     sink.block()
     config = make_config(tmp_path, buffer={"capacity": 100, "overflow_policy": "block", "block_timeout": 60.0})
-    data = groups(3, 100)
+    data = groups(n, 100)
     p = Pipeline(config, sink=sink).start()
     p.submit(data[0])
     assert sink.blocked.wait(5.0)  # batch 1 hangs in the sink
     p.submit(data[1])  # the buffer is full
+    return p, data
+
+
+def test_stop_is_bounded_while_a_submit_waits_for_room(tmp_path: Path, released: list[MemorySink]) -> None:
+    """A producer blocked in submit (policy block, long timeout) neither delays stop nor loses rows."""
+    p, data = full_blocking_pipeline(tmp_path, released, 3)
     outcome: list[bool] = []
     producer = threading.Thread(target=lambda: outcome.append(p.submit(data[2])))
     producer.start()
@@ -600,15 +606,7 @@ def test_producers_blocked_for_room_wait_side_by_side_not_on_a_lock(tmp_path: Pa
     When the submit lock was held across the blocking put, the second producer waited on that
     lock instead (no timeout), so only one group counted as waiting.
     """
-    sink, _ = faulty_sqlite(tmp_path)
-    released.append(sink)
-    sink.block()
-    config = make_config(tmp_path, buffer={"capacity": 100, "overflow_policy": "block", "block_timeout": 60.0})
-    data = groups(4, 100)
-    p = Pipeline(config, sink=sink).start()
-    p.submit(data[0])
-    assert sink.blocked.wait(5.0)  # batch 1 hangs in the sink
-    p.submit(data[1])  # the buffer is full
+    p, data = full_blocking_pipeline(tmp_path, released, 4)
     producers = [threading.Thread(target=p.submit, args=(pd,)) for pd in data[2:]]
     for t in producers:
         t.start()
@@ -622,15 +620,7 @@ def test_producers_blocked_for_room_wait_side_by_side_not_on_a_lock(tmp_path: Pa
 
 
 def test_abort_wakes_a_blocked_submit_at_once(tmp_path: Path, released: list[MemorySink]) -> None:
-    sink, _ = faulty_sqlite(tmp_path)
-    released.append(sink)
-    sink.block()
-    config = make_config(tmp_path, buffer={"capacity": 100, "overflow_policy": "block", "block_timeout": 60.0})
-    p = Pipeline(config, sink=sink).start()
-    data = groups(3, 100)
-    p.submit(data[0])
-    assert sink.blocked.wait(5.0)
-    p.submit(data[1])
+    p, data = full_blocking_pipeline(tmp_path, released, 3)
     producer = threading.Thread(target=lambda: p.submit(data[2]))
     producer.start()
     wait_until(lambda: p._buffer.waiting == 100, "the third submit to block", 5)
