@@ -4,6 +4,13 @@ Rows sit in one deque; beside it a deque of *marks* `[t_submit, count]`, one
 per `put_many`, carries the submit time of each group so the writer can
 measure per-value end-to-end latency without storing a time per value.
 One mutex is shared by both Conditions (as in `queue.Queue`).
+
+Every row taken gets a *position* (0, 1, 2, ... in the order taken): a batch
+covers positions `start` .. `end - 1`, a put reports the position after its
+last row (`PutResult.end`) and the range it pushed out (`PutResult.popped`).
+Whoever settles rows (the writer once written or spooled, the pipeline once
+spilled or dropped) calls `release(start, end)`, which moves the buffer's
+`Settlement`: that is what a `Receipt` of `Pipeline.submit` waits on in memory.
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 from tagwriter.clock import SYSTEM_CLOCK, Clock
 from tagwriter.models import TagValue
+from tagwriter.settle import Settlement
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +41,18 @@ class OverflowPolicy(StrEnum):
 class Batch:
     """Rows taken out of the buffer together, oldest first.
 
-    `marks` holds `(t_submit, count)` pairs covering `rows` in order.
+    `marks` holds `(t_submit, count)` pairs covering `rows` in order; the rows
+    hold positions `start` .. `start + len(rows) - 1` (see the module docstring).
     """
 
     rows: list[TagValue] = field(default_factory=list)
     marks: list[tuple[float, int]] = field(default_factory=list)
+    start: int = 0
+
+    @property
+    def end(self) -> int:
+        """The position after the batch's last row."""
+        return self.start + len(self.rows)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -53,12 +69,44 @@ class PutResult:
     `spill` policy: the caller must spool them); `dropped` counts values lost
     (evicted under `drop-oldest`, timed out under `block`); `refused` are rows
     not taken because the buffer was closed (the caller must spool them).
+    `end` is the position after the last row taken; `popped` the range of
+    positions pushed out of the buffer (empty when none), to be released once
+    those rows are settled (spooled, or counted as dropped).
     """
 
     accepted: int
     dropped: int = 0
     evicted: list[TagValue] = field(default_factory=list)
     refused: tuple[TagValue, ...] = ()  # a tuple: no allocation per put on the normal path
+    end: int = 0
+    popped: tuple[int, int] = (0, 0)
+
+
+class Buffer(Protocol):
+    """What the writer and the pipeline ask of a buffer: `RingBuffer` (memory) or `diskqueue.DiskQueue`."""
+
+    policy: OverflowPolicy
+    waiting: int
+    settlement: Settlement
+
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def tail(self) -> int: ...
+    def __len__(self) -> int: ...
+    def put_many(
+        self, rows: Sequence[TagValue], t_submit: float | None = None, *, cursor: tuple[str, str] | None = None
+    ) -> PutResult: ...
+    def wait_for_room(self, n: int, timeout: float) -> bool: ...
+    def wait_ready(self, batch_size: int, max_age: float, timeout: float) -> int: ...
+    def batch_due(self, batch_size: int, max_age: float) -> bool: ...
+    def wake(self) -> None: ...
+    def drain(self, max_n: int) -> Batch: ...
+    def release(self, start: int, end: int) -> None: ...
+    def close(self) -> None: ...
+    def oldest_age(self) -> float: ...
 
 
 class RingBuffer:
@@ -77,6 +125,7 @@ class RingBuffer:
         block_timeout: float = 5.0,
         warn_interval: float = 10.0,
         clock: Clock = SYSTEM_CLOCK,
+        start: int = 0,
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
@@ -86,6 +135,9 @@ class RingBuffer:
         self.warn_interval = warn_interval
         self._clock = clock
         self._rows: deque[TagValue] = deque()
+        self._head = start  # position of _rows[0]
+        #: Settled positions of this buffer (see the module docstring); `release` moves it.
+        self.settlement = Settlement(start)
         self._marks: deque[list[float]] = deque()  # [t_submit, count]
         self._mutex = threading.Lock()
         self._not_empty = threading.Condition(self._mutex)
@@ -104,16 +156,21 @@ class RingBuffer:
 
     # -- producers ---------------------------------------------------------
 
-    def put_many(self, rows: Sequence[TagValue], t_submit: float | None = None) -> PutResult:
-        """Append the rows of one polling group under one lock acquisition."""
+    def put_many(
+        self, rows: Sequence[TagValue], t_submit: float | None = None, *, cursor: tuple[str, str] | None = None
+    ) -> PutResult:
+        """Append the rows of one polling group under one lock acquisition.
+
+        `cursor` is for a durable buffer (`DiskQueue`); in memory nothing resumes, and it is ignored.
+        """
         n = len(rows)
         if n == 0:
-            return PutResult(0)
+            return PutResult(0, end=self._head + len(self._rows))
         if t_submit is None:
             t_submit = self._clock.monotonic()
         with self._mutex:
             if self._closed:
-                return PutResult(0, refused=tuple(rows))
+                return PutResult(0, refused=tuple(rows), end=self._head + len(self._rows))
             if self.policy is OverflowPolicy.BLOCK:
                 result = self._put_blocking(rows, t_submit)
             else:
@@ -127,6 +184,7 @@ class RingBuffer:
         n = len(rows)
         excess = len(self._rows) + n - self.capacity
         evicted: list[TagValue] = []
+        popped_from = self._head
         if excess > 0:
             from_buffer = min(excess, len(self._rows))
             evicted = self._pop_front(from_buffer)
@@ -135,10 +193,12 @@ class RingBuffer:
                 evicted.extend(rows[:skip])
                 rows = rows[skip:]
             self.overflowed += excess
+        popped = (popped_from, self._head)
         self._append(rows, t_submit)
+        end = self._head + len(self._rows)
         if self.policy is OverflowPolicy.SPILL:
-            return PutResult(len(rows), 0, evicted)
-        return PutResult(len(rows), len(evicted))
+            return PutResult(len(rows), 0, evicted, end=end, popped=popped)
+        return PutResult(len(rows), len(evicted), end=end, popped=popped)
 
     def _put_blocking(self, rows: Sequence[TagValue], t_submit: float) -> PutResult:
         """Wait for room up to `block_timeout`; rows still waiting count in `waiting`.
@@ -171,11 +231,12 @@ class RingBuffer:
                 self.waiting -= len(rows) - accepted
         if waited:
             self.blocked_puts += 1
+        end = self._head + len(self._rows)
         if self._closed and accepted < len(rows):
-            return PutResult(accepted, refused=tuple(rows[accepted:]))
+            return PutResult(accepted, refused=tuple(rows[accepted:]), end=end)
         dropped = len(rows) - accepted
         self.overflowed += dropped
-        return PutResult(accepted, dropped)
+        return PutResult(accepted, dropped, end=end)
 
     def _append(self, rows: Sequence[TagValue], t_submit: float) -> None:
         if not rows:
@@ -186,6 +247,7 @@ class RingBuffer:
     def _pop_front(self, n: int) -> list[TagValue]:
         rows = self._rows
         taken = [rows.popleft() for _ in range(n)]
+        self._head += n
         self._consume_marks(n, None)
         return taken
 
@@ -294,10 +356,29 @@ class RingBuffer:
             if n == 0:
                 return Batch()
             rows = self._rows
-            batch = Batch([rows.popleft() for _ in range(n)], [])
+            batch = Batch([rows.popleft() for _ in range(n)], [], self._head)
+            self._head += n
             self._consume_marks(n, batch.marks)
             self._not_full.notify_all()
             return batch
+
+    def evict(self, n: int) -> tuple[list[TagValue], int]:
+        """Take up to `n` of the oldest rows out (not as a batch); returns them and the position of the first."""
+        with self._mutex:
+            first = self._head
+            taken = self._pop_front(min(n, len(self._rows)))
+            if taken:
+                self._not_full.notify_all()
+            return taken, first
+
+    def release(self, start: int, end: int) -> None:
+        """Rows at positions `start` .. `end - 1` are settled (written, spooled, quarantined or dropped)."""
+        self.settlement.settle(start, end)
+
+    @property
+    def tail(self) -> int:
+        """The position the next row taken will get."""
+        return self._head + len(self._rows)
 
     def oldest_age(self) -> float:
         """Seconds the oldest pending row has waited (0 when empty)."""

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from tagwriter.models import PollingData, TagValue
+from tagwriter.settle import Receipt
 
 #: (where, why, raw text) of one input that could not be taken, as kept in quarantine.
 BadInput = tuple[str, str, str]
@@ -35,8 +36,17 @@ class Intake(Protocol):
         """True while values are accepted (`submit` raises PipelineStopped once not)."""
         ...
 
-    def submit(self, data: PollingData | Iterable[TagValue]) -> bool:
-        """Take one polling group (or rows); False if some were dropped (counted) by the overflow policy."""
+    def submit(self, data: PollingData | Iterable[TagValue], *, cursor: tuple[str, str] | None = None) -> Receipt:
+        """Take one polling group (or rows); the receipt is false if some were dropped (counted) by the
+        overflow policy, and says when the values are settled (`Receipt.on_settled`, `Receipt.wait`).
+
+        `cursor` (key, position): with a disk queue, stored atomically with these values, so a source
+        restarted after a crash resumes after the last durable position (`resume_point`).
+        """
+        ...
+
+    def resume_point(self, key: str) -> str | None:
+        """The last durable `cursor` position stored under `key`; None without one (or in memory)."""
         ...
 
     def wait_for_room(self, n: int, stop: threading.Event | None = None, timeout: float | None = None) -> bool:

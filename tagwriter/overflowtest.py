@@ -254,7 +254,7 @@ class _Run:
         rows = sequence_rows(self.next_seq, n, self.base_us)
         self.next_seq += n
         started = time.monotonic()
-        taken = self.pipeline.submit(rows)
+        taken = bool(self.pipeline.submit(rows))
         return taken, time.monotonic() - started, seqs
 
     def submit_groups(self, n: int) -> list[tuple[bool, float, range]]:

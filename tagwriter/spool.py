@@ -161,6 +161,7 @@ class RollingCsv:
         self._path: Path | None = None
         self._rows_in_file = 0
         self._header_pending = False
+        self._unsynced = False  # rows written since the last fsync
         self._opened_at = 0.0
         self._seq = 0
         self.full = False
@@ -220,6 +221,7 @@ class RollingCsv:
                     data = (",".join(self.header) + "\n").encode("utf-8") + data
                 self._write_all(data)
                 self._header_pending = False
+                self._unsynced = True
             except OSError as exc:
                 raise self._failed(exc) from exc
             if self.disk_full:
@@ -273,6 +275,17 @@ class RollingCsv:
             self._seal()
         except SpoolError as exc:
             log.error("%s", exc)
+
+    def sync(self) -> None:
+        """fsync the open file if rows were added since the last sync (a disk queue releases them after)."""
+        with self._lock:
+            if self._file is None or not self._unsynced:
+                return
+            try:
+                os.fsync(self._file)
+            except OSError as exc:
+                raise self._failed(exc) from exc
+            self._unsynced = False
 
     def maybe_roll(self) -> None:
         """Seal the current file if it is older than `roll_seconds`; then `refresh`."""
@@ -525,6 +538,11 @@ class Spool:
         """Seal files older than `roll_seconds`; recount a folder something else changed (see `refresh`)."""
         self.backup.maybe_roll()
         self.quarantine.maybe_roll()
+
+    def sync(self) -> None:
+        """Make every row spooled or quarantined so far survive a power cut (without sealing the files)."""
+        self.backup.sync()
+        self.quarantine.sync()
 
     def seal(self) -> None:
         """Complete the open backup and quarantine files."""

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from tagwriter.backoff import retry
-from tagwriter.buffer import Batch, RingBuffer
+from tagwriter.buffer import Batch, Buffer
 from tagwriter.clock import SYSTEM_CLOCK, Clock
 from tagwriter.config import WriterConfig
 from tagwriter.errors import FatalError, LoginRefusedError, SpoolError, SpoolFullError, TransientError
@@ -66,7 +66,7 @@ class Writer:
 
     def __init__(
         self,
-        buffer: RingBuffer,
+        buffer: Buffer,
         sink: Sink,
         spool: Spool,
         metrics: Metrics,
@@ -242,6 +242,8 @@ class Writer:
     def _write_next(self) -> None:
         with self._idle:  # flush() must never see a batch in neither the buffer nor in flight
             batch = self.buffer.drain(self.config.batch_size)
+            if not batch.rows:  # a disk queue passed over a record it could not trust: nothing to write
+                return
             with self._lock:
                 self._inflight = batch
         self._deliver(batch)
@@ -312,7 +314,8 @@ class Writer:
                 count()
             finally:
                 self._inflight = None
-            return True
+        self.buffer.release(batch.start, batch.end)  # settled: receipts move, a disk queue frees the records
+        return True
 
     def _deliver(self, batch: Batch) -> None:
         """Write or spool `batch`, which the caller has put in flight."""

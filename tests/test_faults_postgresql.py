@@ -424,6 +424,7 @@ def test_sigterm_during_an_outage_spools_everything_in_time(
         f"[writer]\nflush_interval = 0.1\nretry_delays = [0.1, 0.2]\nprobe_interval = 0.2\n"
         f"shutdown_timeout = {SHUTDOWN}\n"
         "[source]\ngroups = 2\ntags_per_group = 10\ninterval = 0.1\n"
+        '[buffer]\ndurability = "memory"\n'  # memory: stop spools what it cannot write; a disk queue keeps it
     )
     port = free_port()
     proc = start_run(tmp_path, "--metrics-port", str(port), env=run_env())

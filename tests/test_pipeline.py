@@ -302,7 +302,7 @@ def test_overflow_drop_oldest_evicts_fifo_with_exact_counts(
     data = groups(15, 10, start=10)  # seq 10-159; 50 more than fit
     with caplog.at_level(logging.WARNING, logger="tagwriter.buffer"), Pipeline(config, sink=sink) as p:
         first = stall(p, sink)
-        results = [p.submit(pd) for pd in data]
+        results = [bool(p.submit(pd)) for pd in data]
         assert results == [True] * 10 + [False] * 5
         mid = p.snapshot()
         assert mid.dropped == 50 and mid.dropped_by_reason == {"overflow": 50} and mid.buffer_size == 100
@@ -345,7 +345,7 @@ def test_overflow_block_waits_then_drops_the_newest(tmp_path: Path, released: li
     with Pipeline(config, sink=sink) as p:
         first = stall(p, sink)
         t0 = time.monotonic()
-        results = [p.submit(pd) for pd in data]
+        results = [bool(p.submit(pd)) for pd in data]
         waited = time.monotonic() - t0
         assert results == [True] * 10 + [False] * 2
         assert waited >= 0.39  # each refused group waited block_timeout
@@ -371,7 +371,7 @@ def test_overflow_block_resumes_when_the_writer_makes_room(tmp_path: Path, relea
         for pd in data[:10]:
             assert p.submit(pd)
         outcome: list[bool] = []
-        blocked = threading.Thread(target=lambda: outcome.append(p.submit(data[10])))
+        blocked = threading.Thread(target=lambda: outcome.append(bool(p.submit(data[10]))))
         blocked.start()
         blocked.join(0.2)
         assert blocked.is_alive() and not outcome  # waiting for room
@@ -580,7 +580,7 @@ def test_stop_is_bounded_while_a_submit_waits_for_room(tmp_path: Path, released:
     """A producer blocked in submit (policy block, long timeout) neither delays stop nor loses rows."""
     p, data = full_blocking_pipeline(tmp_path, released, 3)
     outcome: list[bool] = []
-    producer = threading.Thread(target=lambda: outcome.append(p.submit(data[2])))
+    producer = threading.Thread(target=lambda: outcome.append(bool(p.submit(data[2]))))
     producer.start()
     wait_until(lambda: p._buffer.waiting == 100, "the third submit to block", 5)
     # While it waits, its rows are submitted and pending: the identity holds at this snapshot.

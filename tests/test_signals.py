@@ -250,6 +250,7 @@ def test_sigterm_while_a_stdin_feed_waits_for_room_keeps_every_line_read(tmp_pat
     write_config(tmp_path, f"""
 [buffer]
 capacity = 1000
+durability = "memory"  # memory: what stop cannot write is spooled (the disk queue keeps it queued instead)
 [writer]
 batch_size = 500
 flush_interval = 0.05
@@ -319,6 +320,7 @@ interval = 0.2
 [buffer]
 capacity = 200
 overflow_policy = "drop-oldest"
+durability = "memory"  # the in-memory ring overflows at capacity; the disk queue only at max_disk_bytes
 [writer]
 batch_size = 200
 """)

@@ -12,6 +12,15 @@ full chunk. A malformed line never stops the run: it is counted, logged
 that are not UTF-8 as \\xNN escapes, as replay keeps them). Malformed includes
 a number no float holds (400 digits), JSON nested too deep, and a tag name
 `models.check_tag_names` refuses (control characters, lone surrogates).
+
+Resume (a file, with the disk queue): every submit carries the `Position`
+after its last line as its cursor, stored in the queue in the same
+transaction as the values, so the last durable position is never ahead of
+the values it covers. A restart seeks there (a csv reads its header from the
+top first) and counts lines on from there, so locations stay true. A file
+that is shorter now, or whose bytes before the position changed, is read
+from the start again (duplicates are counted by the key). Standard input
+has no position to return to: it never resumes.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import select
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,14 +55,51 @@ STOP_LOOK = 0.1  # seconds a read of stdin waits for input before it looks at `s
 MAX_LINE_BYTES = 1024 * 1024  # a longer "line" is reported as bad, not held in memory
 QUALITY_MAX = 65_535
 UTF8_BOM = b"\xef\xbb\xbf"
+CHECK_BYTES = 64  # bytes before a position whose CRC-32 tells a changed file from the one read
+CURSOR_PREFIX = "file:"
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where reading stands: the byte offset just after a line, that line's number, and a check.
+
+    `check` is the CRC-32 of the CHECK_BYTES before `offset` (None where the
+    platform cannot read them without moving the stream: no `os.pread`).
+    """
+
+    offset: int = 0
+    lineno: int = 0
+    check: int | None = None
+
+    def encode(self) -> str:
+        """As stored in the disk queue's cursor: "offset lineno [check]"."""
+        text = f"{self.offset} {self.lineno}"
+        return text if self.check is None else f"{text} {self.check:08x}"
+
+    @classmethod
+    def decode(cls, text: str) -> Position | None:
+        """The position `encode` wrote; None for text it did not write."""
+        parts = text.split()
+        try:
+            offset, lineno = int(parts[0]), int(parts[1])
+            check = int(parts[2], 16) if len(parts) == 3 else None
+        except (IndexError, ValueError):
+            return None
+        if len(parts) > 3 or offset < 0 or lineno < 0:
+            return None
+        return cls(offset, lineno, check)
+
+
+START = Position()
 
 
 @dataclass(slots=True)
 class Chunk:
-    """Rows parsed from consecutive lines, and the lines that were malformed."""
+    """Rows parsed from consecutive lines, the lines that were malformed, and the position after the last."""
 
     rows: list[TagValue] = field(default_factory=list)
     bad: list[InputError] = field(default_factory=list)
+    end: Position = START
 
 
 class LineSource:
@@ -87,34 +134,64 @@ class LineSource:
         except OSError as exc:
             raise InputError(self.path, f"cannot read: {exc.strerror}") from None
 
-    def chunks(self, stop: threading.Event | None = None) -> Iterator[Chunk]:
-        """Chunks of at most `chunk_rows` rows, in input order, until end of input or `stop`."""
+    def chunks(self, stop: threading.Event | None = None, start: Position = START) -> Iterator[Chunk]:
+        """Chunks of at most `chunk_rows` rows, in input order, from `start` until end of input or `stop`.
+
+        `start` must be a position an earlier read reported (`Chunk.end`) of a seekable file.
+        """
         stream = self.open()
         try:
+            if start.offset:
+                self._seek(stream, start)
+            fd = self._check_descriptor(stream)
             chunk = Chunk()
-            for lineno, raw in self._lines(stream, stop):
-                self._parse_into(chunk, lineno, raw)
-                if len(chunk.rows) >= self.chunk_rows:
-                    yield chunk
-                    chunk = Chunk()
-                elif lineno < 0 and (chunk.rows or chunk.bad):
-                    # End of what is available now: do not hold values back waiting for more.
-                    yield chunk
+            for lineno, raw, end in self._lines(stream, stop, start):
+                if lineno > 0:
+                    self._parse_into(chunk, lineno, raw)
+                    chunk.end = Position(end, lineno)
+                # At the end of what is available now, do not hold values back waiting for more.
+                if len(chunk.rows) >= self.chunk_rows or (lineno < 0 and (chunk.rows or chunk.bad)):
+                    yield _checked(chunk, fd)
                     chunk = Chunk()
             if chunk.rows or chunk.bad:
-                yield chunk
+                yield _checked(chunk, fd)
         finally:
             if stream is not self._stream and self.path != "-":
                 stream.close()
 
-    def _lines(self, stream: BinaryIO, stop: threading.Event | None) -> Iterator[tuple[int, bytes | None]]:
-        """(line number, line without its end); None for an oversized line; (-1, b"") ends one read."""
+    def _seek(self, stream: BinaryIO, start: Position) -> None:
+        """Go to `start`; a csv reads its header first (the column order comes from the top of the file)."""
+        if self.kind == "csv":
+            scratch = Chunk()  # what precedes the header was reported by the run that read it
+            for lineno, raw, _ in self._lines(stream, None, START):
+                if lineno > 0:
+                    self._parse_into(scratch, lineno, raw)
+                if self._columns is not None or lineno >= start.lineno:
+                    break
+        stream.seek(start.offset)
+
+    def _check_descriptor(self, stream: BinaryIO) -> int | None:
+        """The descriptor `Position.check` is read from (os.pread: the stream does not move); None for stdin."""
+        if self.path == "-" or not hasattr(os, "pread"):
+            return None
+        try:
+            return stream.fileno() if stream.seekable() else None
+        except (OSError, ValueError, io.UnsupportedOperation):  # an in-memory stream (tests)
+            return None
+
+    def _lines(
+        self, stream: BinaryIO, stop: threading.Event | None, start: Position
+    ) -> Iterator[tuple[int, bytes | None, int]]:
+        """(line number, line without its end, byte offset after it), counted on from `start`.
+
+        None for an oversized line (reported where it ends); (-1, b"", offset) ends one read.
+        """
         read = getattr(stream, "read1", stream.read)
         if stream is sys.stdin.buffer and stop is not None:
             read = _stdin_reader(stop) or read
         tail = b""
         skipping = False  # inside an oversized line: discard up to its end
-        lineno = 0
+        lineno, offset = start.lineno, start.offset  # offset: where `tail` begins
         while stop is None or not stop.is_set():
             block = read(READ_BYTES)
             if not block:
@@ -122,24 +199,28 @@ class LineSource:
             if skipping:
                 cut = block.find(b"\n")
                 if cut < 0:
+                    offset += len(block)
                     continue
-                block, skipping = block[cut + 1:], False
+                block, skipping, offset, lineno = block[cut + 1:], False, offset + cut + 1, lineno + 1
+                yield lineno, None, offset
             lines = (tail + block).split(b"\n")
             tail = lines.pop()
             for line in lines:
                 lineno += 1
-                yield lineno, line if len(line) <= MAX_LINE_BYTES else None
+                offset += len(line) + 1
+                yield lineno, line if len(line) <= MAX_LINE_BYTES else None, offset
             if len(tail) > MAX_LINE_BYTES:
-                lineno += 1
-                yield lineno, None
+                offset += len(tail)
                 tail, skipping = b"", True
-            yield -1, b""
-        if tail and not skipping and (stop is None or not stop.is_set()):
-            yield lineno + 1, tail
+            yield -1, b"", offset
+        if stop is not None and stop.is_set():
+            return  # a line partly read is read whole next time
+        if skipping:
+            yield lineno + 1, None, offset
+        elif tail:
+            yield lineno + 1, tail, offset + len(tail)
 
     def _parse_into(self, chunk: Chunk, lineno: int, raw: bytes | None) -> None:
-        if lineno < 0:
-            return
         location = f"{self.name}:{lineno}"
         if raw is None:
             chunk.bad.append(InputError(location, f"line longer than {MAX_LINE_BYTES} bytes", ""))
@@ -166,6 +247,46 @@ class LineSource:
         except (ValueError, ArithmeticError, RecursionError) as exc:  # one bad line, never the end of the run
             reason = str(exc) if isinstance(exc, ValueError) else f"cannot be parsed ({type(exc).__name__}: {exc})"
             chunk.bad.append(InputError(location, reason, text))
+
+
+def _checked(chunk: Chunk, fd: int | None) -> Chunk:
+    """`chunk` with the check of its end position, read from `fd` (None: no check)."""
+    end = chunk.end
+    if fd is not None and end.offset:
+        at, size = _check_span(end.offset)
+        chunk.end = Position(end.offset, end.lineno, zlib.crc32(os.pread(fd, size, at)))
+    return chunk
+
+
+def _check_span(offset: int) -> tuple[int, int]:
+    """(first byte, length) of what `Position.check` covers: the CHECK_BYTES before `offset`."""
+    size = min(CHECK_BYTES, offset)
+    return offset - size, size
+
+
+def resume_problem(path: Path, position: Position) -> str | None:
+    """Why `path` cannot be read on from `position` (it is not the file read before); None if it can.
+
+    A file that cannot be opened is no problem here: reading it reports that.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < position.offset:
+                return f"the file is shorter now ({size} bytes)"
+            if not position.offset:
+                return None
+            f.seek(position.offset - 1)
+            if f.read(1) != b"\n" and position.offset != size:  # a last line without newline ends at the end
+                return f"byte {position.offset} is not the end of a line"
+            if position.check is not None:
+                at, size = _check_span(position.offset)
+                f.seek(at)
+                if zlib.crc32(f.read(size)) != position.check:
+                    return f"the bytes before byte {position.offset} have changed"
+    except OSError:
+        return None
+    return None
 
 
 def _stdin_reader(stop: threading.Event) -> Callable[[int], bytes] | None:
@@ -334,8 +455,11 @@ class FeedResult:
     error: InputError | None = None
 
 
-def feed(source: LineSource, intake: Intake, stop: threading.Event, result: FeedResult | None = None) -> FeedResult:
-    """Submit every row of `source` to `intake` until end of input or `stop`.
+def feed(
+    source: LineSource, intake: Intake, stop: threading.Event, result: FeedResult | None = None,
+    *, start: Position = START, key: str | None = None,
+) -> FeedResult:
+    """Submit every row of `source` to `intake`, from `start`, until end of input or `stop`.
 
     Malformed lines are counted, logged (rate-limited) and quarantined
     (`intake.quarantine_input`). A source that cannot be read at all ends
@@ -347,22 +471,30 @@ def feed(source: LineSource, intake: Intake, stop: threading.Event, result: Feed
     policy drop or spill values when the input outruns the database. Rows
     already read off the input when `stop` comes are handed to the spool,
     never left behind.
+
+    With `key`, every chunk's submit carries the cursor (`key`, the position
+    after its last line); a chunk without rows, or spooled whole at `stop`,
+    moves the cursor with an empty submit.
     """
     result = result if result is not None else FeedResult()
     bad_log = BadLineLog()
     try:
-        for chunk in source.chunks(stop):
+        for chunk in source.chunks(stop, start):
+            cursor = None if key is None else (key, chunk.end.encode())
             if chunk.bad:
                 _keep_bad(intake, chunk.bad, bad_log)
                 result.bad += len(chunk.bad)
+            if not chunk.rows and cursor is not None:
+                intake.submit([], cursor=cursor)
             step = intake.capacity
-            for start in range(0, len(chunk.rows), step):
-                rows = chunk.rows[start:start + step]
+            for first in range(0, len(chunk.rows), step):
+                rows = chunk.rows[first:first + step]
+                last = first + step >= len(chunk.rows)  # the cursor goes with the chunk's last rows
                 if not intake.wait_for_room(len(rows), stop):
-                    result.rows += intake.spool_rows(chunk.rows[start:])
+                    _spool_rest(intake, chunk.rows[first:], cursor, result)
                     log.info("input: stopped after %d rows from %s", result.rows, source.name)
                     break
-                intake.submit(rows)
+                intake.submit(rows, cursor=cursor if last else None)
                 result.rows += len(rows)
         else:
             result.ended = not stop.is_set()
@@ -375,25 +507,72 @@ def feed(source: LineSource, intake: Intake, stop: threading.Event, result: Feed
     return result
 
 
+def _spool_rest(intake: Intake, rows: list[TagValue], cursor: tuple[str, str] | None, result: FeedResult) -> None:
+    """Spool rows read off the input at `stop`; once all are spooled the cursor passes them."""
+    spooled = intake.spool_rows(rows)
+    result.rows += spooled
+    if spooled == len(rows) and cursor is not None:
+        intake.submit([], cursor=cursor)
+
+
 def _keep_bad(intake: Intake, bad: list[InputError], bad_log: BadLineLog) -> None:
     for item in bad:
         bad_log.add(item)
     intake.quarantine_input([(b.location, b.reason, b.raw) for b in bad])
 
 
+def cursor_key(path: str) -> str | None:
+    """The key a file's position is stored under: its absolute path; None for stdin or a pipe (no resume)."""
+    if path == "-" or not Path(path).is_file():
+        return None
+    return CURSOR_PREFIX + str(Path(path).resolve())
+
+
 class FileSource:
     """A jsonl or csv file (or stdin, path '-') as a `Source`; `result` says what the feed did.
 
-    `run` raises InputError when the input cannot be read at all.
+    A regular file resumes after the last durable line the intake recorded
+    under `key` (a disk queue; never in memory), unless `from_start`. `start` is
+    where the last `run` began. `run` raises InputError when the input cannot
+    be read at all.
     """
 
-    def __init__(self, kind: str, path: str) -> None:
+    def __init__(self, kind: str, path: str, *, from_start: bool = False) -> None:
+        self.from_start = from_start  # with a disk queue: ignore the recorded resume point
         self.lines = LineSource(kind, path)
         self.name = f"{kind} from {self.lines.name}"
+        self.key: str | None = None  # the cursor key of the last `run` (see `cursor_key`)
+        self.start = START
         self.result = FeedResult()
 
     def run(self, intake: Intake, stop: threading.Event) -> None:
+        self.key = cursor_key(self.lines.path)
+        self.start = self._resume_point(intake)
         log.info("reading %s", self.name)
-        feed(self.lines, intake, stop, self.result)
+        feed(self.lines, intake, stop, self.result, start=self.start, key=self.key)
         if self.result.error is not None:
             raise self.result.error
+
+    def _resume_point(self, intake: Intake) -> Position:
+        """Where to begin: after the last durable line, if there is one and the file is still the one read."""
+        stored = intake.resume_point(self.key) if self.key is not None else None
+        if stored is None:
+            return START
+        position = Position.decode(stored)
+        path = self.lines.path
+        if position is None:
+            log.warning("cannot resume %s: the recorded position %r is not one tagwriter writes; "
+                        "reading it from the start", path, stored)
+            return START
+        if self.from_start:
+            log.info("reading %s from the start (--from-start): the last run got to line %d (byte %d)",
+                     path, position.lineno, position.offset)
+            return START
+        problem = resume_problem(Path(path), position)
+        if problem is not None:
+            log.warning("cannot resume %s after line %d (byte %d): %s; reading it from the start "
+                        "(values read before are counted as duplicates)", path, position.lineno,
+                        position.offset, problem)
+            return START
+        log.info("resuming %s after line %d (byte %d)", path, position.lineno, position.offset)
+        return position
