@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import typer
@@ -12,7 +13,7 @@ from tagwriter.checks import verify_table
 from tagwriter.cli.common import DatabaseOption, boundary, database_option, fail, load_config
 from tagwriter.errors import FatalError
 from tagwriter.sinks import create_sink
-from tagwriter.sinks.base import AdminSink
+from tagwriter.sinks.base import AdminSink, Sink
 
 
 @boundary
@@ -44,6 +45,8 @@ def init_db(
     database_option(database)
     config = load_config(ctx, {"database.url": database})
     sink = create_sink(config.database)
+    if sink.kind == "jetstream":  # a stream, not a table
+        return _init_stream(sink, print_only, timeout)
     if not isinstance(sink, AdminSink):
         raise fail(f"the {sink.kind} sink cannot create its table")
     stmts = sink.ddl(read_index=read_index, partition_by_day=partition_by_day)
@@ -80,3 +83,21 @@ def _init(sink: AdminSink, read_index: bool, partition_by_day: bool) -> str:
         notes.append("--partition-by-day applies only when the table is created")
     extra = f" ({'; '.join(notes)})" if notes else ""
     return f"{target} already exists with the expected columns and key: nothing to do{extra}"
+
+
+def _init_stream(sink: Sink, print_only: bool, timeout: float) -> None:
+    """init-db for a JetStream sink: make the stream with the defaults if missing, else check it takes
+    the subject (`tagwriter jetstream setup` chooses the settings). --print: its config as JSON."""
+    from tagwriter.sinks.jetstream import JetStreamSink
+    from tagwriter.streamadmin import StreamSettings, default_subjects, ensure_stream, stream_config
+
+    assert isinstance(sink, JetStreamSink)
+    settings = StreamSettings(sink.stream, default_subjects(sink.stream, sink.subject))
+    if print_only:
+        typer.echo(json.dumps(stream_config(settings, 1), indent=2))
+        return
+    try:
+        message = run_bounded(lambda: ensure_stream(sink, settings), timeout, "init-db")
+    finally:
+        close_bounded(sink.close)
+    Console(highlight=False).print(message, markup=False)

@@ -60,11 +60,18 @@ def test_connection(
     database_option(database)
     config = load_config(ctx, {"database.url": database})
     sink = create_sink(config.database)
-    if not isinstance(sink, AdminSink):
-        raise fail(f"the {sink.kind} sink cannot run test-connection")
     started = time.monotonic()
     try:
-        results = run_checks(sink, TableSpec.from_config(config.database), timeout=timeout, pings=pings)
+        if sink.kind == "jetstream":  # a stream, not a table: its own checks
+            from tagwriter.sinks.jetstream import JetStreamSink
+            from tagwriter.streamadmin import connection_checks
+
+            assert isinstance(sink, JetStreamSink)
+            results = connection_checks(sink, timeout=timeout, pings=pings)
+        elif isinstance(sink, AdminSink):
+            results = run_checks(sink, TableSpec.from_config(config.database), timeout=timeout, pings=pings)
+        else:
+            raise fail(f"the {sink.kind} sink cannot run test-connection")
     finally:
         close_bounded(sink.close, max(0.0, min(2.0, timeout - (time.monotonic() - started))))
     ok = all(r.status == "pass" for r in results)

@@ -31,4 +31,8 @@ def create_sink(config: DatabaseConfig) -> Sink:
                 hint="pip install 'psycopg[binary]' (or, from a tagwriter checkout, pip install '.[postgres]')",
             ) from None
         return PostgresSink.from_config(config)
+    if kind == "jetstream":
+        from tagwriter.sinks.jetstream import JetStreamSink  # ConfigError naming the extra without nats-py
+
+        return JetStreamSink.from_config(config)
     raise ConfigError(f"database.url: no sink for {kind}")  # pragma: no cover
