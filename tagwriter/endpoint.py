@@ -7,7 +7,9 @@
 Paths (GET or HEAD; anything else 404 / 405):
 - `/api/buffer/metrics`: `MetricsSnapshot.as_dict()` as JSON (field names are
   the snapshot's; units are in the names: `_s` seconds, `_pct` percent).
-- `/metrics`: the same figures in the Prometheus text format (prometheus_client).
+- `/metrics`: the same figures in the Prometheus text format (prometheus_client),
+  with the end-to-end latency and batch write histograms and prometheus_client's
+  process, platform and GC collectors (`promtool check metrics` clean).
 - `/livez`: 200 while the process and its worker threads are alive and the
   writer loop ticks (a liveness probe); 503 means only a restart helps.
   Independent of the database: an outage is live.
@@ -38,7 +40,14 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    generate_latest,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -49,7 +58,13 @@ from prometheus_client.registry import Collector
 
 from tagwriter._version import __version__
 from tagwriter.errors import ConfigError
-from tagwriter.metrics import LATENCY_BOUNDS, LatencyHistogram, MetricsSnapshot, WriterState
+from tagwriter.metrics import (
+    LATENCY_BOUNDS,
+    LATENCY_BUCKETS_PER_DECADE,
+    LatencyHistogram,
+    MetricsSnapshot,
+    WriterState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +78,17 @@ PATHS = (JSON_PATH, PROMETHEUS_PATH, LIVE_PATH, READY_PATH, HEALTH_PATH)
 #: A probe's verdict: (passes, one-line reason).
 Check = Callable[[], tuple[bool, str]]
 
-# Histogram bounds exposed to Prometheus: decades and half-decades from 1 ms,
-# taken from LATENCY_BOUNDS itself so every cumulative bucket count is exact.
-PROMETHEUS_LATENCY_BOUNDS = [b for i, b in enumerate(LATENCY_BOUNDS) if i % 6 == 0 and b >= 0.00099]
+# Histogram bounds exposed to Prometheus, taken from LATENCY_BOUNDS itself so every
+# cumulative bucket count is exact. End to end: every bound (10% apart) from 1 ms to
+# 10 s, where a p99 lives from 100,000 values/s (~40 ms) to a slow plant (~1 s), so
+# `histogram_quantile` is within 10% of the exact quantile there; then half-decades
+# to 10,000 s (outages, retries). 103 buckets. Batch writes: 6 a decade, 100 µs to 100 s.
+_PER_DECADE = LATENCY_BUCKETS_PER_DECADE
+_MS, _TEN_S = _PER_DECADE, 5 * _PER_DECADE  # indexes of 1 ms and 10 s (LATENCY_BOUNDS[0] = 100 µs)
+PROMETHEUS_LATENCY_BOUNDS = [b for i, b in enumerate(LATENCY_BOUNDS)
+                             if _MS <= i <= _TEN_S or (i > _TEN_S and i % (_PER_DECADE // 2) == 0)]
+PROMETHEUS_WRITE_BOUNDS = [b for i, b in enumerate(LATENCY_BOUNDS)
+                           if i % (_PER_DECADE // 6) == 0 and i <= 6 * _PER_DECADE]  # to 100 s
 
 # Unpaced and rendering a snapshot per request, a client requesting back to back cut
 # the writer's throughput to 15-20% on 2 cores. Now a rendered response is reused for
@@ -76,7 +99,7 @@ MIN_INTERVAL = 0.020
 ACCEPT_BURST = 50
 
 # Drop reasons the pipeline records; exposed at 0 from the start so rate() works.
-DROP_REASONS = ("overflow", "block_timeout", "spool_full", "spool_error", "quarantine_error")
+DROP_REASONS = ("overflow", "block_timeout", "spool_full", "spool_error", "quarantine_error", "queue_corrupt")
 
 # States in which /healthz answers 503 whatever the buffer fill, and why.
 UNHEALTHY_STATES = {
@@ -95,6 +118,8 @@ class MetricsSource(Protocol):
     def snapshot(self) -> MetricsSnapshot: ...
 
     def latency_histogram(self) -> LatencyHistogram: ...
+
+    def write_duration_histogram(self) -> LatencyHistogram: ...
 
     def liveness(self) -> tuple[bool, str]: ...
 
@@ -147,6 +172,7 @@ class SnapshotCollector(Collector):
         s = self.source.snapshot()
         yield from snapshot_families(s)
         yield latency_histogram(self.source.latency_histogram())
+        yield write_duration_histogram(self.source.write_duration_histogram())
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
@@ -157,10 +183,67 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
+def source_families(s: MetricsSnapshot) -> Iterator[Metric]:
+    """A plant source's state (MQTT, OPC UA, JetStream, Modbus); nothing for sources without a status."""
+    src = s.source
+    if not src:
+        return
+    kind = str(src.get("kind", ""))
+
+    def labelled(family: GaugeMetricFamily | CounterMetricFamily, value: float) -> Metric:
+        family.add_metric([kind], value)
+        return family
+
+    yield labelled(GaugeMetricFamily("tagwriter_source_connected", "1 while the source is connected.",
+                                     labels=["kind"]), float(bool(src.get("connected", True))))
+    age = src.get("last_message_age")
+    if age is not None:
+        yield labelled(GaugeMetricFamily("tagwriter_source_last_message_age_seconds",
+                                         "Seconds since the source's last message.", labels=["kind"]), age)
+    yield labelled(GaugeMetricFamily("tagwriter_source_acks_pending",
+                                     "Messages received and not yet acknowledged upstream.", labels=["kind"]),
+                   src.get("acks_pending", 0))
+    for key, doc in (("messages", "Messages the source received."), ("values", "Values it submitted."),
+                     ("redeliveries", "Messages the upstream sent again."),
+                     ("reconnects", "Times the source reconnected."),
+                     ("bad_messages", "Messages that could not be read (kept in quarantine).")):
+        yield labelled(CounterMetricFamily(f"tagwriter_source_{key}", doc, labels=["kind"]), src.get(key, 0))
+
+
+def queue_families(s: MetricsSnapshot) -> Iterator[Metric]:
+    """The durable queue (buffer.durability = "disk"); nothing in memory mode."""
+    if s.durability != "disk":
+        return
+    yield _gauge("tagwriter_queue_values", "Values durable in the disk queue, not yet released.", s.queue_values)
+    yield _gauge("tagwriter_queue_bytes", "Bytes of the disk queue's records.", s.queue_bytes)
+    yield _gauge("tagwriter_queue_max_bytes", "The disk queue's cap (buffer.max_disk_bytes; 0 = none).",
+                 s.queue_max_bytes)
+    yield _gauge("tagwriter_queue_pending_values", "Values submitted and not yet fsynced.", s.queue_pending)
+    yield _gauge("tagwriter_queue_oldest_age_seconds", "Age of the oldest value in the disk queue.",
+                 s.queue_oldest_age_s)
+    yield _gauge("tagwriter_queue_disk_full", "1 while the disk queue cannot commit (disk full or failing).",
+                 float(s.queue_disk_full))
+    yield _counter("tagwriter_queue_acknowledged_values_total", "Values made durable (fsynced) in the disk queue.",
+                   s.queue_acknowledged)
+    yield _counter("tagwriter_queue_recovered_values_total",
+                   "Values found queued at start (a run that ended before writing them).", s.queue_recovered)
+    yield _counter("tagwriter_queue_corrupt_values_total", "Values in queue records that failed their CRC.",
+                   s.queue_corrupt)
+    yield _counter("tagwriter_queue_torn_tails_total", "Torn WAL tails cut at start.", s.queue_torn_tails)
+    yield _counter("tagwriter_queue_commits_total", "Group commits (one fsync each).", s.queue_commits)
+    if s.queue_fsync_p99_s is not None:
+        fsync = GaugeMetricFamily("tagwriter_queue_commit_seconds",
+                                  "Group commit (write + fsync) time over the last 1,024 commits.", labels=["q"])
+        fsync.add_metric(["0.5"], s.queue_fsync_p50_s or 0.0)
+        fsync.add_metric(["0.99"], s.queue_fsync_p99_s)
+        yield fsync
+
+
 def snapshot_families(s: MetricsSnapshot) -> Iterator[Metric]:
     """The snapshot's figures with conventional names, units and types."""
     yield _counter("tagwriter_values_submitted_total", "Values handed to the pipeline.", s.submitted)
     yield _counter("tagwriter_rows_written_total", "Rows committed to the database.", s.written)
+    yield rows_landed(s)
     yield _counter("tagwriter_rows_duplicate_total",
                    "Rows the database already held (duplicate key), counted as written.", s.duplicates)
     yield _counter("tagwriter_rows_spooled_total", "Rows written to spool (backup) files.", s.spooled)
@@ -193,11 +276,14 @@ def snapshot_families(s: MetricsSnapshot) -> Iterator[Metric]:
                  "Average seconds per batch write over 5 minutes.", s.avg_write_latency_5m_s)
     yield _gauge("tagwriter_write_latency_p99_seconds",
                  "99th percentile seconds per batch write over 5 minutes.", s.p99_write_latency_5m_s)
+    # The panel's own percentiles. `q`, not `quantile`: that label belongs to summaries
+    # (promtool rejects it on a gauge). No series while the window holds no value.
     e2e = GaugeMetricFamily("tagwriter_end_to_end_latency_5m_seconds",
-                            "Submit-to-commit latency quantiles over 5 minutes (1 = max).", labels=["quantile"])
-    for q, v in (("0.5", s.latency_p50_s), ("0.95", s.latency_p95_s),
-                 ("0.99", s.latency_p99_s), ("1", s.latency_max_s)):
-        e2e.add_metric([q], v)
+                            "Submit-to-commit latency percentiles over 5 minutes (q=1: the max).", labels=["q"])
+    if s.latency_samples_5m:
+        for q, v in (("0.5", s.latency_p50_s), ("0.95", s.latency_p95_s),
+                     ("0.99", s.latency_p99_s), ("1", s.latency_max_s)):
+            e2e.add_metric([q], v)
     yield e2e
     yield _gauge("tagwriter_overflow_values_1h", "Values evicted by buffer overflow in the last hour.", s.overflow_1h)
     yield _gauge("tagwriter_overflow_ratio_1h",
@@ -220,6 +306,8 @@ def snapshot_families(s: MetricsSnapshot) -> Iterator[Metric]:
                    float(s.extra.get("replayed_files", 0)))
     if s.drain_eta_s is not None and math.isfinite(s.drain_eta_s):
         yield _gauge("tagwriter_drain_eta_seconds", "Estimated seconds until the spool is drained.", s.drain_eta_s)
+    yield from queue_families(s)
+    yield from source_families(s)
     # A state set: one series per state, 1 for the current one (alert on state="outage").
     states = GaugeMetricFamily("tagwriter_writer_state", "The writer's state (1 = current).", labels=["state"])
     for st in WriterState:
@@ -231,23 +319,50 @@ def snapshot_families(s: MetricsSnapshot) -> Iterator[Metric]:
     yield info
 
 
+def rows_landed(s: MetricsSnapshot) -> CounterMetricFamily:
+    """Rows this process inserted into the database, by path: no hole after an outage.
+
+    `live` is tagwriter_rows_written_total; `replay` is what the automatic drain
+    inserted from the spool (tagwriter_replayed_rows_total{outcome="inserted"}),
+    so `sum(rate(...))` follows the database's intake through an outage and its recovery.
+    """
+    landed = CounterMetricFamily("tagwriter_rows_landed_total",
+                                 "Rows inserted into the database by path: live writes, replay of the spool.",
+                                 labels=["path"])
+    landed.add_metric(["live"], s.written)
+    landed.add_metric(["replay"], float(s.extra.get("replayed", 0)))
+    return landed
+
+
 def latency_histogram(hist: LatencyHistogram) -> HistogramMetricFamily:
     """The cumulative end-to-end latency histogram on PROMETHEUS_LATENCY_BOUNDS."""
+    return HistogramMetricFamily(
+        "tagwriter_end_to_end_latency_seconds", "Seconds from submit to commit per value, since start.",
+        buckets=cumulative_buckets(hist, PROMETHEUS_LATENCY_BOUNDS), sum_value=hist.sum,
+    )
+
+
+def write_duration_histogram(hist: LatencyHistogram) -> HistogramMetricFamily:
+    """Seconds per committed batch write (the database call and its commit) since start."""
+    return HistogramMetricFamily(
+        "tagwriter_batch_write_duration_seconds", "Seconds per committed batch write, commit included, since start.",
+        buckets=cumulative_buckets(hist, PROMETHEUS_WRITE_BOUNDS), sum_value=hist.sum,
+    )
+
+
+def cumulative_buckets(hist: LatencyHistogram, bounds: list[float]) -> list[tuple[str, float]]:
+    """Prometheus `le` buckets of `hist` at `bounds` (each one of LATENCY_BOUNDS: the counts are exact)."""
     buckets: list[tuple[str, float]] = []
     seen = 0
     i = 0
-    for bound in PROMETHEUS_LATENCY_BOUNDS:
+    for bound in bounds:
         # counts[k] holds values in (LATENCY_BOUNDS[k-1], LATENCY_BOUNDS[k]].
         while i < len(LATENCY_BOUNDS) and LATENCY_BOUNDS[i] <= bound:
             seen += hist.counts[i]
             i += 1
         buckets.append((repr(bound), seen))
     buckets.append(("+Inf", hist.total))
-    return HistogramMetricFamily(
-        "tagwriter_end_to_end_latency_seconds",
-        "Seconds from submit to commit per value, since start.",
-        buckets=buckets, sum_value=hist.sum,
-    )
+    return buckets
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -268,9 +383,33 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _method_not_allowed
 
+    # The monitoring page: one static file whose figures all come from JSON_PATH.
+    PAGE_PATHS = ("/", "/index.html")
+    # Its script and style are inline; it may read this server and load nothing from anywhere
+    # else, so it works in a plant network with no internet and cannot be made to call out.
+    PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
+                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
     def _respond(self, *, send_body: bool) -> None:
-        status, body, ctype = self.server.app.response(self.path.split("?", 1)[0])
+        path = self.path.split("?", 1)[0]
+        if path in self.PAGE_PATHS:
+            self._send_page(send_body=send_body)
+            return
+        status, body, ctype = self.server.app.response(path)
         self._send(status, body, ctype, send_body=send_body)
+
+    def _send_page(self, *, send_body: bool) -> None:
+        """The page from the package data (tagwriter/web/index.html), read per request: it is small."""
+        from importlib.resources import files  # only the page needs it
+
+        try:
+            page = (files("tagwriter") / "web" / "index.html").read_bytes()
+        except OSError as exc:  # an install without the package data
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, f"the page is not installed: {exc}\n".encode(),
+                       "text/plain; charset=utf-8", send_body=send_body)
+            return
+        self._send(HTTPStatus.OK, page, "text/html; charset=utf-8", send_body=send_body,
+                   extra={"Content-Security-Policy": self.PAGE_CSP})
 
     @staticmethod
     def render(app: MetricsServer, path: str) -> tuple[HTTPStatus, bytes, str]:
@@ -358,6 +497,9 @@ class MetricsServer:
         self.health_max_buffer_pct = health_max_buffer_pct
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SnapshotCollector(source))
+        # Memory, CPU, file descriptors, process_start_time_seconds; the interpreter; its GC.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
         self._requested_port = port
         self._bound_port = 0
         self._httpd: _Server | None = None

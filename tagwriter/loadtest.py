@@ -5,8 +5,10 @@ fresh `Pipeline` for `warmup + duration` seconds. Every figure comes from the
 pipeline's `Metrics` (snapshots and the cumulative end-to-end latency
 histogram), as the live panel shows them; the warmup is excluded by taking
 differences between a snapshot at the end of the warmup and one at the end of
-the run. `find_max_rate` searches (doubling, then bisecting, within a time
-budget) for the highest rate at which the thresholds still hold.
+the run. `find_max_rate` searches, within a time budget, for the highest rate
+at which the thresholds still hold: from an unthrottled probe's throughput
+(`run_probe`), confirmed by a paced trial at that rate, stepping down only if
+it fails; or from a given start rate, doubling, then bisecting.
 
 Shared by the CLI command, CI reports (`report_dict`, validated against
 `report_schema.json`) and tests.
@@ -49,6 +51,13 @@ log = logging.getLogger(__name__)
 PRESETS: dict[str, tuple[int, int, float]] = {"plant": (10, 100, 1.0)}
 SAMPLE_INTERVAL = 0.1  # seconds between buffer-utilization samples
 KEEP_UP_RATIO = 0.95  # a rate is *sustained* (for --rate max) only if this share of it was written
+#: Values/s the unthrottled probe offers: far beyond any database, so the simulator submits as fast as it
+#: can and the pipeline's own throughput is what gets measured.
+PROBE_RATE = 10_000_000.0
+PROBE_WARMUP = 0.5  # seconds the probe runs before measuring (the table created, the first batches in)
+#: Seconds a trial measures before a full buffer may end it (`give_up_pct`): enough for its achieved rate
+#: to guide the next trial.
+GIVE_UP_AFTER = 1.0
 MEMORY_METHOD = "ru_maxrss: peak resident set size of the whole process since it started (interpreter included)"
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
 
@@ -238,11 +247,14 @@ def peak_memory_bytes() -> int | None:
 
 
 class _Sampler:
-    """Samples the buffer utilization from `pipeline.snapshot()` every SAMPLE_INTERVAL seconds."""
+    """Samples the buffer utilization from `pipeline.snapshot()` every SAMPLE_INTERVAL seconds;
+    sets `over` once a sample is above `give_up_pct` (None: never) after GIVE_UP_AFTER seconds."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, give_up_pct: float | None = None) -> None:
         self.pipeline = pipeline
+        self.give_up_pct = give_up_pct
         self.stop = threading.Event()
+        self.over = threading.Event()
         self.samples: list[float] = []
         self._thread = threading.Thread(target=self._run, name="tagwriter-loadtest-sampler", daemon=True)
 
@@ -250,8 +262,12 @@ class _Sampler:
         self._thread.start()
 
     def _run(self) -> None:
+        give_up_from = time.monotonic() + GIVE_UP_AFTER
         while True:
-            self.samples.append(self.pipeline.snapshot().buffer_utilization_pct)
+            pct = self.pipeline.snapshot().buffer_utilization_pct
+            self.samples.append(pct)
+            if self.give_up_pct is not None and pct > self.give_up_pct and time.monotonic() >= give_up_from:
+                self.over.set()
             if self.stop.wait(SAMPLE_INTERVAL):
                 return
 
@@ -264,12 +280,14 @@ class _Sampler:
 def run_trial(
     config: Config, shape: LoadShape, *, duration: float, warmup: float,
     sink_factory: Callable[[], Sink] | None = None, stop: threading.Event | None = None,
-    seed: int = 1,
+    seed: int = 1, give_up_pct: float | None = None,
 ) -> TrialResult:
     """Run `shape` through a fresh Pipeline for `warmup + duration` s; measure the last `duration` s.
 
-    `stop` (optional) ends the run early. The pipeline is always stopped
-    (within writer.shutdown_timeout) before this returns.
+    `stop` (optional) ends the run early; so does a buffer fuller than
+    `give_up_pct` after GIVE_UP_AFTER s of measuring (the trial has failed: the
+    max search saves its budget). The pipeline is always stopped (within
+    writer.shutdown_timeout) before this returns.
     """
     stop = stop or threading.Event()
     result = TrialResult(shape, duration, warmup, buffer_capacity=config.buffer.capacity)
@@ -277,7 +295,7 @@ def run_trial(
     sim = Simulator(shape.groups, shape.tags_per_group, shape.interval, seed=seed)
     service = Service(config, SimulatedSource(sim, duration=warmup + duration + 1.0), sink=sink)
     pipeline = service.pipeline
-    sampler = _Sampler(pipeline)
+    sampler = _Sampler(pipeline, give_up_pct)
     service.start()
     try:
         t0 = time.monotonic()
@@ -286,7 +304,9 @@ def run_trial(
         hist0 = pipeline.latency_histogram()
         cpu0, t_start = time.process_time(), time.monotonic()
         sampler.start()
-        stop.wait(max(0.0, t0 + warmup + duration - time.monotonic()))
+        end = t0 + warmup + duration
+        while not (stop.is_set() or sampler.over.is_set()) and (left := end - time.monotonic()) > 0:
+            stop.wait(min(left, SAMPLE_INTERVAL))
         after = pipeline.snapshot()
         hist1 = pipeline.latency_histogram()
         cpu1, t_end = time.process_time(), time.monotonic()
@@ -302,6 +322,22 @@ def run_trial(
     _measure(result, before, after, histogram_since(hist1, hist0), samples, t_end - t_start, cpu1 - cpu0)
     result.latency_max_exact = result.latency_values == 0 or hist1.max > hist0.max
     return result
+
+
+def run_probe(
+    config: Config, *, duration: float, warmup: float = PROBE_WARMUP, groups: int | None = None,
+    sink_factory: Callable[[], Sink] | None = None, stop: threading.Event | None = None,
+) -> TrialResult:
+    """The pipeline's throughput unthrottled: the simulator offers PROBE_RATE (it submits as fast as it
+    can) and a full buffer blocks it (overflow policy `block`: nothing spilled), so the achieved
+    rate is what the writer and database take with the source competing for the CPU. An upper
+    bound of a paced rate: pacing costs wake-ups a free run does not.
+
+    Its latency and buffer figures mean nothing (the buffer is full by design).
+    """
+    blocking = config.replace(buffer=dataclasses.replace(config.buffer, overflow_policy="block"))
+    shape = LoadShape.for_rate(PROBE_RATE, groups, None)
+    return run_trial(blocking, shape, duration=duration, warmup=warmup, sink_factory=sink_factory, stop=stop)
 
 
 def _committed(s: MetricsSnapshot) -> int:
@@ -389,20 +425,33 @@ class Search:
     trials: list[tuple[TrialResult, list[str]]] = field(default_factory=list)
     best: TrialResult | None = None
     elapsed_s: float = 0.0
+    probe: TrialResult | None = None  # the unthrottled probe, if the search started from one
 
     @property
     def max_rate(self) -> float:
         return self.best.offered_per_s if self.best is not None else 0.0
 
     @property
+    def ceiling(self) -> float | None:
+        """The probe's throughput, the highest rate the search tries; None without a probe (or if it wrote nothing)."""
+        return self.probe.achieved_per_s if self.probe is not None and self.probe.achieved_per_s >= 1 else None
+
+    @property
     def bounded(self) -> bool:
-        """True if a higher rate failed: `max_rate` is the ceiling, not just a lower bound the budget allowed."""
+        """True if a higher rate failed or the probe bounds it: `max_rate` is the ceiling, not just a
+        lower bound the budget allowed."""
+        if self.best is not None and self.ceiling is not None:
+            return True
         return any(why and t.offered_per_s > self.max_rate for t, why in self.trials)
 
     def as_dict(self) -> dict[str, Any]:
+        probe = self.probe
         return {
             "budget_s": self.budget_s, "elapsed_s": self.elapsed_s, "max_sustained_per_s": self.max_rate,
             "bounded": self.bounded,
+            "probe": None if probe is None else {
+                "offered_per_s": probe.offered_per_s, "achieved_per_s": probe.achieved_per_s,
+                "window_s": probe.window_s, "problems": problems(probe)},
             "criterion": (f"thresholds on latency, buffer and drops hold, no problem, and at least "
                           f"{KEEP_UP_RATIO:.0%} of the offered rate is written"),
             "trials": [{"offered_per_s": t.offered_per_s, "achieved_per_s": t.achieved_per_s,
@@ -423,18 +472,28 @@ def trial_failures(r: TrialResult, t: Thresholds) -> list[str]:
 
 def find_max_rate(
     run: Callable[[float], TrialResult], thresholds: Thresholds, *, budget_s: float,
-    start_rate: float = 1000.0, precision: float = 0.1, stop: threading.Event | None = None,
-    clock: Callable[[], float] = time.monotonic,
+    start_rate: float = 1000.0, probe: Callable[[], TrialResult] | None = None, precision: float = 0.1,
+    stop: threading.Event | None = None, clock: Callable[[], float] = time.monotonic,
 ) -> Search:
-    """Double the rate from `start_rate` while trials pass, then bisect between the last pass
-    and the first failure until they are within `precision` (relative) or the time budget
-    would be exceeded by another trial. `run(rate)` runs one trial.
+    """The highest rate whose trial passes, within `budget_s` seconds. `run(rate)` runs one trial.
+
+    With `probe` (an unthrottled run, `run_probe`, counted in the budget): the
+    first trial confirms the probe's throughput; nothing above it can pass, so a
+    pass ends the search; a failure steps down (`_step_down`), then bisects.
+    Without (or if the probe wrote nothing): double from `start_rate` while
+    trials pass, then bisect between the last pass and the first failure. Either
+    way until they are within `precision` (relative) or another trial would
+    exceed the budget.
     """
     search = Search(budget_s)
     started = clock()
     lo: float | None = None  # highest passing rate
-    hi: float | None = None  # lowest failing rate
+    hi: float | None = None  # lowest failing rate (or the probe's ceiling)
     rate = start_rate
+    if probe is not None:
+        search.probe = probe()
+        if search.ceiling is not None:
+            rate = hi = search.ceiling
     trial_time = 0.0
     while not (stop and stop.is_set()):
         if search.trials and clock() - started + trial_time > budget_s:
@@ -453,7 +512,7 @@ def find_max_rate(
         if hi is None:
             rate *= 2
         elif lo is None:
-            rate /= 2
+            rate = _step_down(rate, result, precision) if search.ceiling else rate / 2
             if rate < 1.0:
                 break
         elif hi / lo - 1.0 <= precision:
@@ -462,6 +521,12 @@ def find_max_rate(
             rate = (lo + hi) / 2
     search.elapsed_s = clock() - started
     return search
+
+
+def _step_down(rate: float, failed: TrialResult, precision: float) -> float:
+    """The next rate below a failed one: `precision` lower, or lower still if the trial wrote much less
+    (a rate it kept up with, by the KEEP_UP_RATIO rule), but at least half of it."""
+    return max(rate / 2, min(rate * (1 - precision), failed.achieved_per_s * KEEP_UP_RATIO))
 
 
 # -- environment and the report ------------------------------------------------
@@ -539,7 +604,10 @@ def report_dict(
     broken = violations(result, thresholds, throughput=throughput)
     trouble = problems(result)
     if search is not None and search.best is None:
-        trouble.append("no rate passed: even the lowest rate tried broke a threshold or did not keep up")
+        lowest = min((t.offered_per_s for t, _ in search.trials), default=0.0)
+        trouble.append(f"no rate passed: even the lowest rate tried ({lowest:,.0f} values/s) broke a threshold "
+                       "or did not keep up" + ("; a longer --duration leaves time to step lower"
+                                               if search.probe is not None else ""))
     shape = result.shape
     settings = {
         "mode": mode,
@@ -586,8 +654,10 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     if report["search"] is not None:
         srch = report["search"]
         at_least = "" if srch["bounded"] else "at least "
+        probe = srch.get("probe")
+        probed = f"unthrottled probe {probe['achieved_per_s']:,.0f} values/s, " if probe else ""
         rows.append(("max sustained rate", f"{at_least}{srch['max_sustained_per_s']:,.0f} values/s "
-                                           f"({len(srch['trials'])} trials in {srch['elapsed_s']:.0f} s"
+                                           f"({probed}{_trials(len(srch['trials']))} in {srch['elapsed_s']:.0f} s"
                                            + ("" if srch["bounded"] else
                                               "; no failing rate within the budget: raise --duration or "
                                               "--start-rate") + ")"))
@@ -612,6 +682,10 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     peak = r["memory"]["peak_bytes"]
     rows.append(("peak memory", f"{peak / 2**20:,.0f} MiB (process peak RSS, ru_maxrss)" if peak else "unknown"))
     return rows
+
+
+def _trials(n: int) -> str:
+    return f"{n} trial" if n == 1 else f"{n} trials"
 
 
 def _ms(seconds: float | None) -> str:

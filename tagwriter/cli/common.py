@@ -29,15 +29,16 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 @dataclass(slots=True)
 class GlobalOptions:
-    """What the app callback parsed: `--config`, `--log-level`, `--log-file`."""
+    """What the app callback parsed: `--config`, `--log-level`, `--log-file`, `--log-format`."""
 
     config_path: Path | None = None
     log_level: str | None = None
     log_file: Path | None = None
+    log_format: str | None = None
 
 
 #: The app's global options that take a value; they may also follow the command.
-GLOBAL_VALUE_OPTIONS = ("--config", "-c", "--log-level", "--log-file")
+GLOBAL_VALUE_OPTIONS = ("--config", "-c", "--log-level", "--log-file", "--log-format")
 
 
 def hoist_global_options(args: list[str]) -> list[str]:
@@ -80,7 +81,9 @@ def global_options(ctx: typer.Context) -> GlobalOptions:
 FLAG_PARAMS = {"source.kind": "source", "source.path": "input_path", "database.url": "database"}
 
 
-def load_config(ctx: typer.Context, overrides: Mapping[str, Any] | None = None) -> Config:
+def load_config(
+    ctx: typer.Context, overrides: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None
+) -> Config:
     """The effective config for a command: file < env < global flags < `overrides`.
 
     `overrides` are the command's flags by config key. A bad flag value is a
@@ -89,17 +92,19 @@ def load_config(ctx: typer.Context, overrides: Mapping[str, Any] | None = None) 
     """
     opts = global_options(ctx)
     merged: dict[str, Any] = {}
-    origins = {"logging.level": "--log-level", "logging.file": "--log-file"}
+    origins = {"logging.level": "--log-level", "logging.file": "--log-file", "logging.format": "--log-format"}
     if opts.log_level:
         merged["logging.level"] = opts.log_level.upper()
     if opts.log_file:
         merged["logging.file"] = str(opts.log_file)
+    if opts.log_format:
+        merged["logging.format"] = opts.log_format
     for key, value in (overrides or {}).items():
         if value is not None:
             merged[key] = value
             origins.setdefault(key, flag_name(ctx, key))
     try:
-        return config_mod.load(opts.config_path, overrides=merged, origins=origins, warn=warn)
+        return config_mod.load(opts.config_path, overrides=merged, origins=origins, warn=warn, defaults=defaults)
     except ConfigValueError as exc:
         if exc.origin == "flag":
             raise fail(str(exc), exc.hint, code=2) from None
@@ -120,7 +125,7 @@ def flag_name(ctx: typer.Context, key: str) -> str:
 def setup_logging(config: Config, *, console: bool = True) -> None:
     lc = config.logging
     configure_logging(lc.level, lc.file or None, max_bytes=lc.max_bytes,
-                      backup_count=lc.backup_count, console=console)
+                      backup_count=lc.backup_count, console=console, fmt=lc.format)
 
 
 def fail(message: str, hint: str = "", code: int = 1) -> typer.Exit:

@@ -50,11 +50,15 @@ def load_test(
     ] = 30.0,
     warmup: Annotated[float, typer.Option("--warmup", min=0, help="Seconds run before measuring.")] = 5.0,
     trial_duration: Annotated[
-        float, typer.Option("--trial-duration", min=0.1, help="--rate max: seconds measured per trial.")
-    ] = 5.0,
+        float | None,
+        typer.Option("--trial-duration", min=0.1, help="--rate max: seconds measured per trial (default: up to 5, "
+                     "so that two trials fit the budget after the probe)."),
+    ] = None,
     start_rate: Annotated[
-        float, typer.Option("--start-rate", min=1, help="--rate max: the first rate tried (values/s).")
-    ] = 1000.0,
+        float | None,
+        typer.Option("--start-rate", min=1, help="--rate max: ramp up from this rate (values/s), doubling, "
+                     "instead of confirming an unthrottled probe's throughput."),
+    ] = None,
     batch_size: BatchSizeOption = None,
     flush_interval: FlushIntervalOption = None,
     capacity: Annotated[
@@ -137,22 +141,52 @@ def _shape(config: Config, preset: Preset | None, rate: float | None, groups: in
     return LoadShape(groups or g, tags or t, interval or i)
 
 
-def _search(config: Config, shape: LoadShape, thresholds: Thresholds, budget: float, trial_duration: float,
-            warmup: float, start_rate: float, console: Console) -> tuple[loadtest.TrialResult, loadtest.Search]:
+def _search(config: Config, shape: LoadShape, thresholds: Thresholds, budget: float, trial_duration: float | None,
+            warmup: float, start_rate: float | None, console: Console,
+            ) -> tuple[loadtest.TrialResult, loadtest.Search]:
+    """--rate max: an unthrottled probe, then trials to confirm it (or a ramp from `start_rate`)."""
     trial_warmup = min(warmup, 1.0)
+    probe_s = _probe_duration(budget) if start_rate is None else 0.0
+    if trial_duration is None:
+        trial_duration = _trial_duration(budget, probe_s, trial_warmup)
+
+    def probe() -> loadtest.TrialResult:
+        result = loadtest.run_probe(config, duration=probe_s, groups=shape.groups)
+        console.print(f"probe, unthrottled: wrote {result.achieved_per_s:,.0f} values/s "
+                      f"in {result.window_s:.1f} s", markup=False, soft_wrap=True)
+        return result
 
     def run(rate: float) -> loadtest.TrialResult:
         trial = LoadShape.for_rate(rate, shape.groups, None)
-        result = loadtest.run_trial(config, trial, duration=trial_duration, warmup=trial_warmup)
+        result = loadtest.run_trial(config, trial, duration=trial_duration, warmup=trial_warmup,
+                                    give_up_pct=thresholds.max_buffer_pct)
         why = loadtest.trial_failures(result, thresholds)
         console.print(f"trial {rate:>12,.0f} values/s: achieved {result.achieved_per_s:,.0f}/s, "
                       f"p99 {result.latency_p99_s * 1000:,.1f} ms, buffer max {result.buffer_max_pct:.1f}%: "
                       + ("pass" if not why else "fail (" + "; ".join(why) + ")"), markup=False, soft_wrap=True)
         return result
 
-    found = loadtest.find_max_rate(run, thresholds, budget_s=budget, start_rate=start_rate)
+    found = loadtest.find_max_rate(run, thresholds, budget_s=budget, start_rate=start_rate or 1000.0,
+                                   probe=probe if start_rate is None else None)
     best = found.best if found.best is not None else found.trials[0][0]
     return best, found
+
+
+#: Seconds a trial takes beyond its warmup and measured time: a fresh pipeline starts and stops.
+TRIAL_OVERHEAD = 0.75
+
+
+def _probe_duration(budget: float) -> float:
+    """Seconds the probe measures: an eighth of the budget, between 0.5 and 2 (the rest confirms it)."""
+    return min(2.0, max(0.5, budget / 8))
+
+
+def _trial_duration(budget: float, probe_s: float, warmup: float) -> float:
+    """--trial-duration's default: up to 5 s, and short enough (at least 1 s) that two trials fit the budget
+    after the probe: the confirm, and one step down should the confirm fail."""
+    probe_cost = probe_s + loadtest.PROBE_WARMUP + TRIAL_OVERHEAD if probe_s else 0.0
+    spare = budget - probe_cost - 2 * (warmup + TRIAL_OVERHEAD)
+    return max(1.0, min(5.0, spare / 2))
 
 
 def _output(report: dict[str, Any], console: Console, json_path: Path | None) -> None:

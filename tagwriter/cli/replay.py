@@ -108,7 +108,7 @@ def replay(
         setup_logging(config, console=False)
         lc = config.logging
         configure_logging(lc.level, lc.file or None, max_bytes=lc.max_bytes, backup_count=lc.backup_count,
-                          console_handler=RichHandler(console=console, show_path=False))
+                          console_handler=RichHandler(console=console, show_path=False), fmt=lc.format)
     else:
         setup_logging(config)
     paths = expand(files, from_quarantine=from_quarantine)
