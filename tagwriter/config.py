@@ -28,6 +28,7 @@ import tomli_w
 from tagwriter.errors import ConfigError
 from tagwriter.redact import REDACTED, redact_dsn, redact_url, register_database
 from tagwriter.redact import redact as redact_text
+from tagwriter.redact import register as register_secrets
 
 ENV_PREFIX = "TAGWRITER_"
 # Between section and key: `TAGWRITER_WRITER__BATCH_SIZE`. Kubernetes service links (`TAGWRITER_PORT`,
@@ -39,6 +40,10 @@ ENV_SCHEME = "TAGWRITER_<SECTION>__<KEY>"
 ENV_ALIASES = {
     "TAGWRITER_DATABASE_PASSWORD": ("database", "password"),
     "TAGWRITER_DATABASE_WALLET_PASSWORD": ("database", "wallet_password"),
+    "TAGWRITER_MQTT_PASSWORD": ("mqtt", "password"),
+    "TAGWRITER_OPCUA_PASSWORD": ("opcua", "password"),
+    "TAGWRITER_OPCUA_PRIVATE_KEY_PASSWORD": ("opcua", "private_key_password"),
+    "TAGWRITER_JETSTREAM_PASSWORD": ("jetstream", "password"),
 }
 # Environment variables that are not config keys (the CLI reads them itself; tests read TAGWRITER_TEST_*).
 ENV_NOT_CONFIG = frozenset({"TAGWRITER_CONFIG"})
@@ -57,9 +62,13 @@ def _opt(default: Any, help: str, **rules: Any) -> Any:
     return field(default=default, metadata={"help": help, **rules})
 
 
+#: What `source.kind` may be: simulated polls, a file, or a plant source whose section has its settings.
+SOURCE_KINDS = ("simulate", "jsonl", "csv", "mqtt", "sparkplug", "opcua", "jetstream", "modbus")
+
+
 @dataclass(slots=True)
 class SourceConfig:
-    kind: str = _opt("simulate", "where values come from", choices=("simulate", "jsonl", "csv"))
+    kind: str = _opt("simulate", "where values come from (plant sources: their own section)", choices=SOURCE_KINDS)
     path: str = _opt("-", "input file for jsonl/csv; '-' is standard input")
     groups: int = _opt(10, "simulate: polling groups", min=1, max=100_000)
     tags_per_group: int = _opt(100, "simulate: tags in each group", min=1, max=100_000)
@@ -80,6 +89,18 @@ class BufferConfig:
         choices=("drop-oldest", "spill", "block"),
     )
     block_timeout: float = _opt(5.0, "block: seconds a submit waits for room", min=0, max=3600)
+    durability: str = _opt(
+        "memory", "memory, or disk: values are fsynced to a queue before they count as taken "
+        "(the default of `tagwriter run`)", choices=("memory", "disk"),
+    )
+    directory: str = _opt("queue", "disk: folder of the durable queue")
+    fsync_interval: float = _opt(
+        0.05, "disk: seconds between group commits (fsync); 0 = always: each submit waits for its own",
+        min=0, max=10,
+    )
+    max_disk_bytes: int = _opt(
+        1024**3, "disk: size cap of the queue in bytes (0 = none); the overflow policy applies there", min=0,
+    )
 
 
 @dataclass(slots=True)
@@ -143,8 +164,169 @@ class MetricsConfig:
 class LoggingConfig:
     level: str = _opt("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     file: str = _opt("", "rotating log file ('' = console only)")
+    format: str = _opt("text", "log line format: text, or json (one object per line, for log shippers)",
+                       choices=("text", "json"))
     max_bytes: int = _opt(10 * 1024**2, "log file size before it rotates", min=1024)
     backup_count: int = _opt(5, "rotated log files kept", min=0, max=1000)
+
+
+# [mqtt]: the mqtt source (tagwriter/sources/mqtt.py)
+@dataclass(slots=True)
+class MqttConfig:
+    host: str = _opt("127.0.0.1", "broker host name or address")
+    port: int = _opt(1883, "broker port (8883 is usual with TLS)", min=1, max=65_535)
+    topics: list[str] = _opt(["tagwriter/#"], "topic filters to subscribe to (QoS 1)")
+    client_id: str = _opt("", "client id; keep it stable for a persistent session ('' = tagwriter-<host name>)")
+    protocol: str = _opt("v5", "MQTT version", choices=("v5", "v311"))
+    persistent_session: bool = _opt(True, "keep the session (and messages sent while away) across disconnects")
+    session_expiry: int = _opt(86_400, "v5: seconds the broker keeps the session after a disconnect",
+                               min=0, max=4_294_967_295)
+    keepalive: int = _opt(30, "seconds between keep-alive pings", min=5, max=65_535)
+    connect_timeout: float = _opt(5.0, "seconds to establish a connection", min=0.1, max=3600)
+    receive_maximum: int = _opt(1000, "messages received and not yet acknowledged at most", min=1, max=65_535)
+    username: str = _opt("", "user name ('' = anonymous)")
+    password: str = _opt("", "password; prefer env TAGWRITER_MQTT_PASSWORD", secret=True)
+    tls: bool = _opt(False, "connect with TLS")
+    ca_file: str = _opt("", "TLS: CA certificates (PEM) ('' = the system's)")
+    cert_file: str = _opt("", "TLS: client certificate (PEM), for brokers that ask for one")
+    key_file: str = _opt("", "TLS: the client certificate's private key (PEM)")
+    tls_insecure: bool = _opt(False, "TLS: do not check the broker's host name (testing only)")
+    reconnect_min_delay: float = _opt(1.0, "first seconds between reconnect attempts", min=0.01, max=3600)
+    reconnect_max_delay: float = _opt(30.0, "reconnect backoff cap in seconds", min=0.01, max=3600)
+    stop_timeout: float = _opt(10.0, "seconds a stop keeps the session for the last acks", min=0, max=3600)
+    tag: str = _opt("{topic}", "tag name template: {topic}, {topic_dots}, {1}..{n} (topic levels), {-1} (last)")
+    tag_path: str = _opt("", "payload path of the tag name ('' = use the template)")
+    key_separator: str = _opt("/", "object of tag -> value: member tag = tag + separator + key")
+    value_path: str = _opt("value", "payload path of the value ('' = the whole payload)")
+    ts_path: str = _opt("ts", "payload path of the timestamp ('' = receive time)")
+    ts_unit: str = _opt("s", "unit of numeric timestamps", choices=("s", "ms", "us"))
+    quality_path: str = _opt("quality", "payload path of the quality code ('' = always 192)")
+
+
+# [sparkplug]: the sparkplug source (tagwriter/sources/sparkplug.py)
+@dataclass(slots=True)
+class SparkplugConfig:
+    groups: list[str] = _opt([], "Sparkplug group ids to subscribe to; [] = every group (spBv1.0/#)")
+    separator: str = _opt("/", "joins group, edge node, device and metric into the tag name", choices=("/", "."))
+    include_group: bool = _opt(True, "tag names start with the group id")
+    exclude_metrics: list[str] = _opt(
+        ["bdSeq", "Node Control/*"], "metric names (fnmatch patterns) never written"
+    )
+    store_transient: bool = _opt(False, "write metrics flagged is_transient (the spec: not for historians)")
+    mark_death: bool = _opt(True, "NDEATH/DDEATH: write each metric's last value again with quality 0")
+    rebirth: bool = _opt(True, "request a rebirth (NCMD) on a seq gap, an unknown alias or an unborn node")
+    reorder_timeout: float = _opt(2.0, "seconds a missing seq may arrive late before a rebirth is requested",
+                                  min=0, max=600)
+    rebirth_holdoff: float = _opt(5.0, "seconds at least between two rebirth requests to one edge node",
+                                  min=0, max=3600)
+
+
+MODBUS_MAX_READ_REGISTERS = 125  # the Modbus application protocol: function codes 3 and 4
+MODBUS_MAX_READ_BITS = 2000  # function codes 1 and 2
+
+
+# [modbus]: the modbus source (tagwriter/sources/modbus.py)
+@dataclass(slots=True)
+class ModbusConfig:
+    host: str = _opt("127.0.0.1", "Modbus TCP server or gateway")
+    port: int = _opt(502, "Modbus TCP port", min=1, max=65_535)
+    timeout: float = _opt(1.0, "seconds a connect or one request may take", min=0.01, max=60)
+    poll_interval: float = _opt(1.0, "seconds between polls of a register without its own interval",
+                                min=0.001, max=86_400)
+    max_registers: int = _opt(MODBUS_MAX_READ_REGISTERS, "registers one request reads at most", min=1,
+                              max=MODBUS_MAX_READ_REGISTERS)
+    max_bits: int = _opt(MODBUS_MAX_READ_BITS, "coils or discrete inputs one request reads at most", min=1,
+                         max=MODBUS_MAX_READ_BITS)
+    max_gap: int = _opt(0, "unmapped registers one request may read across to join two ranges", min=0,
+                        max=MODBUS_MAX_READ_REGISTERS - 1)
+    on_error: str = _opt("bad", "values of a failed request: bad (value empty, quality 0) or skip",
+                         choices=("bad", "skip"))
+    reconnect_delay: float = _opt(0.5, "first seconds between reconnect attempts", min=0.01, max=3600)
+    reconnect_max_delay: float = _opt(30.0, "reconnect backoff cap in seconds", min=0.01, max=3600)
+    registers: list[dict[str, Any]] = _opt([], "the register map: one [[modbus.registers]] table per tag")
+
+
+# [jetstream]: the jetstream source (tagwriter/sources/jetstream.py)
+@dataclass(slots=True)
+class JetStreamConfig:
+    servers: str = _opt("nats://127.0.0.1:4222", "NATS server URLs, comma-separated (nats:// or tls://)")
+    stream: str = _opt("tagwriter", "the stream to read (it must exist)")
+    subject: str = _opt("", "create: the consumer's filter subject ('' = every subject of the stream)")
+    durable: str = _opt("tagwriter", "durable consumer name; writers with the same one share the messages")
+    consumer: str = _opt(
+        "create", "create: make the consumer if missing (an existing one must match these settings); "
+        "bind: use an existing consumer as it is", choices=("create", "bind"),
+    )
+    fetch_batch: int = _opt(0, "messages per fetch; 0 = writer.batch_size", min=0, max=10_000)
+    fetch_timeout: float = _opt(1.0, "seconds a fetch waits to fill its batch", min=0.01, max=60)
+    ack_wait: float = _opt(30.0, "create: seconds before JetStream redelivers an unacknowledged message",
+                           min=1, max=86_400)
+    max_ack_pending: int = _opt(
+        10_000, "create: messages delivered and not yet acknowledged, for all writers on the consumer",
+        min=1, max=10_000_000,
+    )
+    max_deliver: int = _opt(-1, "create: deliveries of a message at most; -1 = no limit (none dropped)", min=-1)
+    user: str = _opt("", "user name")
+    password: str = _opt("", "password; prefer env TAGWRITER_JETSTREAM__PASSWORD", secret=True)
+    token: str = _opt("", "authentication token (instead of user and password)", secret=True)
+    tls_ca_file: str = _opt("", "TLS: CA certificates (PEM) to verify the server ('' = the system's)")
+    tls_cert_file: str = _opt("", "TLS: client certificate (PEM), for servers that verify clients")
+    tls_key_file: str = _opt("", "TLS: the client certificate's private key (PEM)")
+    tls_hostname: str = _opt("", "TLS: the server name to verify ('' = the URL's host)")
+    connect_timeout: float = _opt(5.0, "seconds to establish a connection", min=0.1, max=3600)
+    reconnect_wait: float = _opt(2.0, "seconds between reconnect attempts", min=0.01, max=3600)
+
+
+# [opcua]: the opcua source (tagwriter/sources/opcua.py)
+@dataclass(slots=True)
+class OpcUaConfig:
+    url: str = _opt("opc.tcp://127.0.0.1:4840", "server endpoint: opc.tcp://HOST:PORT[/PATH]")
+    nodes: list[str] = _opt([], "node ids to subscribe to, e.g. [\"ns=2;s=Line1.Temp\", \"nsu=urn:plc;i=7\"]")
+    browse_paths: list[str] = _opt(
+        [], "subscribe every numeric Variable under these paths from the Root folder, e.g. [\"Objects/Plant\"]"
+    )
+    tag_names: str = _opt(
+        "browse-path", "a node's tag name: browse-path (Plant.Line1.Temp), display-name or node-id",
+        choices=("browse-path", "display-name", "node-id"),
+    )
+    tag_prefix: str = _opt("", "put before every tag name taken from the server (not before [opcua.tags] names)")
+    tags: dict[str, str] = _opt({}, "[opcua.tags]: node id = tag name; wins over tag_names")
+    timestamp: str = _opt(
+        "source", "the row's time: source or server timestamp (the other, then the receive time, when absent)",
+        choices=("source", "server"),
+    )
+    publishing_interval: float = _opt(0.5, "seconds between the server's notification messages", min=0.01, max=3600)
+    sampling_interval: float = _opt(
+        0.0, "seconds between the server's samples of a node (0 = as fast as it can, -1 = publishing interval)",
+        min=-1, max=3600,
+    )
+    queue_size: int = _opt(100, "values the server queues per node between messages (it drops the oldest beyond)",
+                           min=1, max=100_000)
+    trigger: str = _opt(
+        "status-value", "what counts as a change: status, status-value or status-value-timestamp",
+        choices=("status", "status-value", "status-value-timestamp"),
+    )
+    deadband: str = _opt("none", "drop changes smaller than deadband_value: none, absolute, or percent of EURange",
+                         choices=("none", "absolute", "percent"))
+    deadband_value: float = _opt(0.0, "the deadband: in the value's unit (absolute) or 0-100 (percent)", min=0)
+    security_mode: str = _opt("None", "None, Sign or SignAndEncrypt", choices=("None", "Sign", "SignAndEncrypt"))
+    security_policy: str = _opt(
+        "None", "None, Basic256Sha256, Aes128Sha256RsaOaep or Aes256Sha256RsaPss",
+        choices=("None", "Basic256Sha256", "Aes128Sha256RsaOaep", "Aes256Sha256RsaPss"),
+    )
+    certificate: str = _opt("", "Sign/SignAndEncrypt: the client's certificate file (DER or PEM)")
+    private_key: str = _opt("", "Sign/SignAndEncrypt: the certificate's private key file (PEM or DER)")
+    private_key_password: str = _opt("", "password of the private key file, if it has one", secret=True)
+    server_certificate: str = _opt("", "the server's certificate file ('' = the one its endpoint offers)")
+    application_uri: str = _opt("urn:tagwriter:opcua", "the client's application URI (the certificate's URI SAN)")
+    username: str = _opt("", "user name ('' = anonymous)")
+    password: str = _opt("", "password; prefer env TAGWRITER_OPCUA_PASSWORD", secret=True)
+    timeout: float = _opt(5.0, "seconds any one request may take", min=0.1, max=600)
+    health_interval: float = _opt(1.0, "seconds between checks that the session is alive", min=0.1, max=600)
+    reconnect_min_delay: float = _opt(1.0, "first seconds between reconnect attempts", min=0.01, max=3600)
+    reconnect_max_delay: float = _opt(30.0, "reconnect backoff cap in seconds", min=0.01, max=3600)
+    max_unsettled: int = _opt(10_000, "values received and not yet settled at most: publishing pauses beyond",
+                              min=10, max=10_000_000)
 
 
 @dataclass(slots=True)
@@ -156,6 +338,11 @@ class Config:
     backup: BackupConfig = field(default_factory=BackupConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    sparkplug: SparkplugConfig = field(default_factory=SparkplugConfig)
+    modbus: ModbusConfig = field(default_factory=ModbusConfig)
+    jetstream: JetStreamConfig = field(default_factory=JetStreamConfig)
+    opcua: OpcUaConfig = field(default_factory=OpcUaConfig)
 
     def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)
@@ -191,6 +378,7 @@ def load(
     overrides: Mapping[str, Any] | None = None,
     origins: Mapping[str, str] | None = None,
     warn: Callable[[str], None] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> Config:
     """The effective config: defaults, then the file, then env, then `overrides`.
 
@@ -199,6 +387,8 @@ def load(
     `origins` names where each came from (`--batch-size`) for error messages.
     Environment names are read as `env_settings` says; `warn` (default: the
     log) hears about the ones that look meant as config but are not.
+    `defaults` (dotted key paths) are a command's own defaults: below the
+    file, the environment and the flags (`tagwriter run` queues on disk).
     Raises ConfigError naming the file:line or key path; a bad value raises
     ConfigValueError, which also says where the value came from.
     """
@@ -208,6 +398,10 @@ def load(
     raw: dict[str, Any] = _parse_toml(Path(path), text) if path is not None else {}
     origin = str(path) if path is not None else "defaults"
     tree = _tree_from_mapping(raw, origin, text)
+    for dotted, value in (defaults or {}).items():
+        section, _, key = dotted.partition(".")
+        if key not in tree[section]:
+            _set(tree, section, key, value, f"default of the command for {dotted}", origin_kind="default")
     env = os.environ if env is None else env
     for name, (section, key) in env_settings(env, warn).items():
         _apply_env(tree, name, section, key, env[name])
@@ -385,8 +579,16 @@ def _apply_env(tree: dict[str, dict[str, Any]], name: str, section: str, key: st
     tree[section][key] = _coerce_from(f"environment {name}", "env", f"{section}.{key}", f, parsed)
 
 
+#: The kinds a config field can be, by its annotation. Tables (a map of names, a list of tables such as
+#: `[[modbus.registers]]`) are written in the file only; their own module checks what is inside.
+_KINDS: dict[str, Any] = {
+    "str": str, "int": int, "float": float, "bool": bool, "list[float]": list,
+    "list[str]": "strings", "dict[str, str]": "table", "list[dict[str, Any]]": "tables",
+}
+
+
 def _field_type(f: dataclasses.Field[Any]) -> Any:
-    return {"str": str, "int": int, "float": float, "bool": bool, "list[float]": list}[str(f.type)]
+    return _KINDS[str(f.type)]
 
 
 def _parse_env(f: dataclasses.Field[Any], text: str, name: str) -> Any:
@@ -399,6 +601,10 @@ def _parse_env(f: dataclasses.Field[Any], text: str, name: str) -> Any:
         if low in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"environment {name} = {shown}: must be true or false")
+    if kind in ("table", "tables"):
+        raise ConfigError(f"environment {name}: a table is set in the config file, not the environment")
+    if kind == "strings":
+        return [p.strip() for p in text.split(",") if p.strip()]
     if kind is list:
         parts = [p for p in re.split(r"[,\s]+", text.strip().strip("[]")) if p]
         try:
@@ -428,6 +634,19 @@ def _coerce(path: str, f: dataclasses.Field[Any], value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{path} = {shown}: must be a number")
         value = float(value)
+    elif kind == "strings":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path} = {shown}: must be a list of strings, e.g. [\"a\", \"b\"]")
+        value = list(value)
+    elif kind == "table":
+        if not isinstance(value, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ConfigError(f"{path}: must be a table of strings ([{path}] with name = \"text\" lines)")
+        return dict(value)
+    elif kind == "tables":
+        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+            raise ConfigError(f"{path}: must be a list of tables ([[{path}]] in TOML)")
+        return [dict(v) for v in value]
     elif kind is list:
         if not isinstance(value, list) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
@@ -454,6 +673,9 @@ def toml_value(value: Any) -> str:
     """A value as TOML on one line (tomli-w spreads arrays over several)."""
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table: `tags = { "ns=2;i=7" = "line1.temp" }`
+        keys = (k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else toml_value(k) for k in value)
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in zip(keys, value.values(), strict=True)) + "}"
     return tomli_w.dumps({"v": value})[4:].strip()
 
 
@@ -486,6 +708,10 @@ def validate(config: Config) -> None:
     """Check invariants between keys; raises ConfigError. Registers the database secrets for redaction."""
     w, b, d = config.writer, config.buffer, config.database
     register_database(d)
+    register_secrets(*(
+        getattr(getattr(config, s.name), f.name) for s in dataclasses.fields(config)
+        for f in dataclasses.fields(getattr(config, s.name)) if f.metadata.get("secret")
+    ))
     if w.batch_size > b.capacity:
         raise ConfigError(
             f"writer.batch_size = {w.batch_size}: must not exceed buffer.capacity = {b.capacity}"
@@ -501,6 +727,29 @@ def validate(config: Config) -> None:
     if len({n.lower() for n in names}) != 4:
         raise ConfigError(f"database columns {', '.join(names)}: must be four different names")
     parse_url(d.url)
+    _validate_source(config)
+
+
+def _validate_source(config: Config) -> None:
+    """The checks of the chosen plant source's own section (topic filters, the register map)."""
+    kind = config.source.kind
+    if kind in ("mqtt", "sparkplug"):
+        from tagwriter.sources.mqtt import check_topic_filters  # the sources import this module
+
+        if kind == "mqtt":
+            check_topic_filters(config.mqtt.topics)
+    elif kind == "modbus":
+        from tagwriter.sources.modbus import check_section
+
+        check_section(config.modbus)
+    elif kind == "opcua":
+        from tagwriter.sources.opcua import check_config
+
+        check_config(config.opcua)
+    elif kind == "jetstream":
+        from tagwriter.sources.jetstream import check_settings
+
+        check_settings(config.jetstream)
 
 
 # -- database URLs -----------------------------------------------------------
@@ -508,18 +757,25 @@ def validate(config: Config) -> None:
 
 @dataclass(frozen=True, slots=True)
 class DatabaseURL:
-    """A parsed `database.url`: `kind` is sqlite, oracle or postgresql."""
+    """A parsed `database.url`: `kind` is sqlite, oracle, postgresql or jetstream."""
 
     kind: str
     path: str = ""  # sqlite: the file
     user: str = ""
     password: str = ""
-    host: str = ""
+    host: str = ""  # jetstream: of the first server
     port: int | None = None
-    name: str = ""  # oracle: service name; postgresql: database
+    name: str = ""  # oracle: service name; postgresql: database; jetstream: stream
+    servers: tuple[str, ...] = ()  # jetstream: every server as nats://HOST:PORT (or tls://)
+    subject: str = ""  # jetstream: the subject batches are published on
 
 
-SCHEMES = {"sqlite": "sqlite", "oracle": "oracle", "postgresql": "postgresql", "postgres": "postgresql"}
+SCHEMES = {"sqlite": "sqlite", "oracle": "oracle", "postgresql": "postgresql", "postgres": "postgresql",
+           "nats": "jetstream", "tls": "jetstream"}
+NATS_PORT = 4222
+NATS_URL_SHAPE = "nats://HOST:PORT[,HOST:PORT...]/STREAM[/SUBJECT] (tls:// for TLS)"
+_NATS_NAME = re.compile(r"^[^\s.*>/\\]+$")  # a stream name: no spaces, '.', wildcards or slashes
+_NATS_SUBJECT = re.compile(r"^[^\s.*>]+(?:\.[^\s.*>]+)*$")  # tokens, no wildcards: a subject to publish on
 
 
 def parse_url(url: str) -> DatabaseURL:
@@ -535,7 +791,8 @@ def parse_url(url: str) -> DatabaseURL:
     if kind is None:
         raise ConfigError(
             f"database.url = {redact_url(url)!r}: unknown database kind",
-            hint="use sqlite:///PATH, oracle://USER@HOST:PORT/SERVICE or postgresql://USER@HOST:PORT/DB",
+            hint="use sqlite:///PATH, oracle://USER@HOST:PORT/SERVICE, postgresql://USER@HOST:PORT/DB "
+                 f"or {NATS_URL_SHAPE}",
         )
     if kind == "sqlite":
         path = rest[1:] if rest.startswith("/") else rest
@@ -544,6 +801,8 @@ def parse_url(url: str) -> DatabaseURL:
         return DatabaseURL("sqlite", path=path)
     userinfo, _, hostpart = rest.rpartition("@")
     user, _, password = userinfo.partition(":")
+    if kind == "jetstream":
+        return _parse_nats_url(url, scheme.lower(), unquote(user), unquote(password), hostpart)
     # Only the part after the user info goes to urlsplit: it holds no secret.
     parts = urlsplit(f"{scheme}://{hostpart}")
     try:
@@ -558,6 +817,34 @@ def parse_url(url: str) -> DatabaseURL:
         port=port,
         name=parts.path.lstrip("/"),
     )
+
+
+def _parse_nats_url(url: str, scheme: str, user: str, password: str, hostpart: str) -> DatabaseURL:
+    """A JetStream sink's URL (NATS_URL_SHAPE); SUBJECT defaults to STREAM.batches."""
+    hosts, _, path = hostpart.partition("/")
+    stream, _, subject = path.strip("/").partition("/")
+    shown = redact_url(url)
+    servers: list[tuple[str, int]] = []
+    for host in filter(None, (h.strip() for h in hosts.split(","))):
+        parts = urlsplit(f"{scheme}://{host}")
+        try:
+            port = parts.port or NATS_PORT
+        except ValueError:
+            raise ConfigError(f"database.url = {shown!r}: bad port in {host!r}") from None
+        if not parts.hostname or parts.path or parts.query:
+            raise ConfigError(f"database.url = {shown!r}: {host!r} is not HOST[:PORT]", hint=NATS_URL_SHAPE)
+        servers.append((f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname, port))  # IPv6
+    if not servers:
+        raise ConfigError(f"database.url = {shown!r}: names no NATS server", hint=NATS_URL_SHAPE)
+    if not _NATS_NAME.match(stream):
+        raise ConfigError(f"database.url = {shown!r}: the stream name {stream!r} must be a name without spaces, "
+                          "'.', '*', '>' or slashes", hint=NATS_URL_SHAPE)
+    subject = subject or f"{stream}.batches"
+    if not _NATS_SUBJECT.match(subject):
+        raise ConfigError(f"database.url = {shown!r}: {subject!r} is not a subject to publish on "
+                          "(tokens separated by '.', no spaces or wildcards)", hint=NATS_URL_SHAPE)
+    return DatabaseURL("jetstream", user=user, password=password, host=servers[0][0], port=servers[0][1],
+                       name=stream, servers=tuple(f"{scheme}://{h}:{p}" for h, p in servers), subject=subject)
 
 
 def redact_value(key: str, value: Any) -> Any:

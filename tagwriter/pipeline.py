@@ -13,28 +13,35 @@ below, and sources see the pipeline only as an `Intake`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import shutil
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from tagwriter.bounded import close_bounded
-from tagwriter.buffer import OverflowPolicy, RingBuffer
+from tagwriter.buffer import Buffer, OverflowPolicy, RingBuffer
 from tagwriter.clock import SYSTEM_CLOCK, Clock
 from tagwriter.config import Config, WriterConfig
-from tagwriter.errors import FatalError, LoginRefusedError, PipelineStopped, SpoolError, SpoolFullError
+from tagwriter.diskqueue import DiskQueue, QueueError
+from tagwriter.errors import ConfigError, FatalError, LoginRefusedError, PipelineStopped, SpoolError, SpoolFullError
 from tagwriter.intake import BadInput, Stoppable
 from tagwriter.metrics import LatencyHistogram, Metrics, MetricsSnapshot, WriterState
 from tagwriter.models import PollingData, TagValue, check_tag_names, checked_rows
 from tagwriter.recovery import SpoolDrain
+from tagwriter.settle import SETTLED, Receipt
 from tagwriter.sinks import Sink, create_sink
 from tagwriter.spool import LOOK_INTERVAL, Spool
 from tagwriter.writer import Writer
 
 log = logging.getLogger(__name__)
 
+QUEUE_CLOSE_FLOOR = 2.0  # seconds the queue's last commit may take even after the stop deadline
+ALWAYS_WAIT = 30.0  # seconds a submit waits for its own fsync with buffer.fsync_interval = 0 (a full disk)
 INTAKE_GRACE = 0.1  # seconds stop() lets a submit in progress finish before closing the buffer on it
 ROOM_CHECK = 0.1  # seconds between looks at a source's stop event while it waits for room
 SINK_CLOSE_TIMEOUT = 2.0  # a hung driver must not hold up the exit
@@ -62,6 +69,25 @@ def _can_write(directory: Path) -> bool:
     return False
 
 
+def _make_buffer(config: Config, clock: Clock) -> Buffer:
+    """The buffer `buffer.durability` names: the in-memory ring, or the durable queue on disk."""
+    b = config.buffer
+    if b.durability == "disk":
+        try:
+            return DiskQueue(
+                b.directory, capacity=b.capacity, policy=b.overflow_policy, max_bytes=b.max_disk_bytes,
+                fsync_interval=b.fsync_interval, block_timeout=b.block_timeout, clock=clock,
+            )
+        except QueueError as exc:
+            if not exc.disk_full:
+                raise ConfigError(f"buffer.directory = {b.directory!r}: {exc}",
+                                  hint="make the folder writable, or point buffer.directory elsewhere") from None
+            # Refusing to start would make a service manager restart it in a loop, taking no value at all.
+            log.error("QUEUE: %s; running with the in-memory buffer (values are not durable until a restart "
+                      "with room on that disk); values queued there are written by a later run", exc)
+    return RingBuffer(b.capacity, b.overflow_policy, block_timeout=b.block_timeout, clock=clock)
+
+
 class Pipeline:
     """The library's entry point. Every public method is thread-safe."""
 
@@ -71,18 +97,14 @@ class Pipeline:
         *,
         sink: Sink | None = None,
         clock: Clock = SYSTEM_CLOCK,
-        buffer: RingBuffer | None = None,
+        buffer: Buffer | None = None,
     ) -> None:
         self.config = config = config or Config()
         self.clock = clock
         self._metrics = Metrics(clock)
-        # `buffer`: a prebuilt (e.g. instrumented) RingBuffer; overflow-test injects one.
-        self._buffer = buffer if buffer is not None else RingBuffer(
-            config.buffer.capacity,
-            config.buffer.overflow_policy,
-            block_timeout=config.buffer.block_timeout,
-            clock=clock,
-        )
+        # `buffer`: a prebuilt (e.g. instrumented) buffer; overflow-test injects one.
+        self._buffer: Buffer = buffer if buffer is not None else _make_buffer(config, clock)
+        self._queue = self._buffer if isinstance(self._buffer, DiskQueue) else None
         b = config.backup
         self._spool = Spool(
             b.directory, b.quarantine_directory,
@@ -94,6 +116,9 @@ class Pipeline:
         )
         # The spool drain runs on the writer thread between live batches (see recovery.py).
         self._drain = SpoolDrain(self._spool, self._sink, config, clock=clock)
+        if self._queue is not None:
+            self._queue.before_release = self._spool.sync  # spooled rows on disk before the queue forgets them
+            self._queue.on_corrupt = lambda n: self._metrics.record_dropped(n, "queue_corrupt")
         if config.backup.auto_replay:
             self._writer.background = self._drain
             self._writer.on_recovered = self._drain.trigger
@@ -111,6 +136,7 @@ class Pipeline:
         self._started = False
         self._stop_result: bool | None = None
         self._attached: list[Stoppable] = []
+        self._source_status: Callable[[], Any] | None = None
 
     # -- life cycle --------------------------------------------------------
 
@@ -126,6 +152,10 @@ class Pipeline:
                 log.error("cannot recover partial spool files: %s", exc)
             if self._writer.background is self._drain:
                 self._drain.check_target()  # before the first drain step: whose files are these?
+            if self._queue is not None:
+                # Values the last run queued and did not write: written first, counted as submitted again.
+                self._metrics.record_submitted(self._queue.recovered)
+                self._queue.start()
             self._writer.start()
             with self._intake:
                 self._accepting = True
@@ -161,35 +191,48 @@ class Pipeline:
         """How many values the buffer holds at most."""
         return self._buffer.capacity
 
-    def submit(self, data: PollingData | Iterable[TagValue]) -> bool:
-        """Hand over one polling group (or rows); True if every value was taken.
+    def submit(self, data: PollingData | Iterable[TagValue], *, cursor: tuple[str, str] | None = None) -> Receipt:
+        """Hand over one polling group (or rows); the receipt is true if every value was taken.
 
         False means some were dropped (counted) under the `drop-oldest` or
         `block` policy; values handed over while `stop()` closes the buffer
-        go to the spool. Raises PipelineStopped after `stop()`, and ValueError
+        go to the spool. The receipt says when the values are settled
+        (`Receipt.wait`, `Receipt.on_settled`): fsynced to the disk queue with
+        `buffer.durability = "disk"` (with `fsync_interval = 0` submit waits
+        for that itself), else written, spooled, quarantined or counted. `cursor`
+        (key, position) is stored with the values in the disk queue: a source
+        resumes from `resume_point(key)`. Raises PipelineStopped after `stop()`, and ValueError
         (nothing taken) for a value no database or spool line could keep exactly
         (`models.check_tag_names`, `models.checked_rows`): a tag name that is not
         text, empty, or holds a control character or a lone surrogate; a number too large.
         """
         rows = self._rows_of(data)
-        if not rows:
-            return True
+        if not rows and cursor is None:
+            return SETTLED
+        buffer = self._buffer
         self._enter_intake()
         try:
             self._metrics.record_submitted(len(rows))
-            result = self._buffer.put_many(rows)
+            result = buffer.put_many(rows, cursor=cursor)
             if result.evicted:
                 self._spill(result.evicted)
+            if result.dropped:
+                reason = "block_timeout" if buffer.policy is OverflowPolicy.BLOCK else "overflow"
+                self._metrics.record_dropped(result.dropped, reason)
+            if result.popped[1] > result.popped[0]:
+                buffer.release(*result.popped)  # spilled or dropped: settled
             # stop() closed the buffer meanwhile: the rows go to the spool.
-            if result.refused and not self._spool_rows(result.refused, "stopping: cannot spool"):
-                return False
+            spooled = not result.refused or self._spool_rows(result.refused, "stopping: cannot spool")
         finally:
             self._leave_intake()
-        if result.dropped:
-            reason = "block_timeout" if self._buffer.policy is OverflowPolicy.BLOCK else "overflow"
-            self._metrics.record_dropped(result.dropped, reason)
-            return False
-        return True
+        receipt = Receipt(spooled and not result.dropped, buffer.settlement, result.end)
+        if self._queue is not None and self._queue.fsync_interval <= 0.0:
+            receipt.wait(ALWAYS_WAIT)
+        return receipt
+
+    def resume_point(self, key: str) -> str | None:
+        """The last durable `cursor` position stored under `key` by `submit`; None in memory or without one."""
+        return self._queue.resume_point(key) if self._queue is not None else None
 
     def spool_rows(self, rows: Sequence[TagValue]) -> int:
         """Take rows straight into the spool, past the buffer (counted as submitted and spooled).
@@ -236,6 +279,10 @@ class Pipeline:
         self._metrics.record_bad_input(kept)
         return kept
 
+    def report_source(self, status: Callable[[], Any] | None) -> None:
+        """Show `status()` (a `SourceStatus`) in every snapshot: the panel, `status`, `/metrics`."""
+        self._source_status = status
+
     def attach(self, source: Stoppable) -> None:
         """`stop()` stops `source` first, so that what it holds is handed over before intake ends."""
         with self._stop_lock:
@@ -265,6 +312,8 @@ class Pipeline:
         self._metrics.record_overflow_spilled(len(rows))
         try:
             self._metrics.record_spooled(self._spool.write_rows(rows))
+            if self._queue is not None:
+                self._spool.sync()  # with a disk queue, settled means on disk: a source may ack upstream now
         except SpoolFullError as exc:
             log.error("cannot spill %d values: %s", len(rows), exc)
             self._metrics.record_dropped(len(rows), "spool_full")
@@ -323,6 +372,8 @@ class Pipeline:
             for source in self._attached:
                 source.stop(max(0.0, deadline - self.clock.monotonic()))
             self._end_intake(deadline)
+            if self._queue is not None and not self._queue.disk_full:  # the last group commit: the writer sees all
+                self._queue.settlement.wait(self._queue.tail, max(0.0, deadline - self.clock.monotonic()))
             self._metrics.set_state(WriterState.STOPPING)
             self._writer.request_stop()
             finished = self._wait_writer(deadline)
@@ -330,7 +381,12 @@ class Pipeline:
                 log.warning("shutdown deadline reached: spooling what is still pending")
                 self._writer.abort()
             leftovers = self._writer.abandon()  # a writer that died holds its batch still
-            spooled_ok = self._spool_leftovers(leftovers.rows if leftovers else [])
+            if self._queue is not None:  # what is durable stays queued for the next run; the rest is spooled
+                left = self._queue.shutdown(max(QUEUE_CLOSE_FLOOR, deadline - self.clock.monotonic()))
+                spooled_ok = self._spool_rows_if_any(left)
+            else:
+                spooled_ok = self._spool_leftovers(leftovers.rows if leftovers else [])
+                self._buffer.release(self._buffer.settlement.mark, self._buffer.tail)  # all settled now
             try:
                 self._spool.seal()
             except SpoolError as exc:
@@ -341,13 +397,16 @@ class Pipeline:
                 close_bounded(self._sink.close, SINK_CLOSE_TIMEOUT, "close the database connection")
             self._metrics.set_state(WriterState.STOPPED)
             snap = self.snapshot()
-            self._stop_result = spooled_ok and snap.pending == 0
+            self._stop_result = spooled_ok and snap.pending <= snap.queue_values
             log.info(
                 "stopped: submitted %d = written %d + duplicates %d + spooled %d + "
                 "quarantined %d + dropped %d + pending %d",
                 snap.submitted, snap.written, snap.duplicates, snap.spooled,
                 snap.quarantined, snap.dropped, snap.pending,
             )
+            if snap.queue_values:
+                log.info("%d values stay queued on disk in %s: the next run writes them first",
+                         snap.queue_values, self.queue_directory)
             return self._stop_result
 
     def _end_intake(self, deadline: float) -> None:
@@ -389,30 +448,65 @@ class Pipeline:
         rows = list(inflight)
         while len(self._buffer):
             rows.extend(self._buffer.drain(len(self._buffer) or 1).rows)
-        if not rows:
-            return True
-        return self._spool_rows(rows, "cannot spool at shutdown")
+        return self._spool_rows_if_any(rows)
+
+    def _spool_rows_if_any(self, rows: Sequence[TagValue]) -> bool:
+        return not rows or self._spool_rows(rows, "cannot spool at shutdown")
 
     # -- reading -----------------------------------------------------------
 
     def snapshot(self) -> MetricsSnapshot:
         """Every figure now, as one immutable object."""
         files, size = self._spool.stats()
+        queue = self._queue_figures()
+        if self._source_status is not None:
+            try:
+                queue["source"] = dataclasses.asdict(self._source_status())
+            except Exception:  # a source's report must not break the snapshot
+                log.exception("the source's status failed")
+        inflight = self._writer.inflight
+        size_now = len(self._buffer)
+        if "queue_values" in queue:  # pending = what the disk queue holds (durable or not, in flight or not)
+            size_now = max(0, queue["queue_values"] + queue["queue_pending"] - inflight)
         return self._metrics.snapshot(
-            buffer_size=len(self._buffer),
+            **queue,
+            buffer_size=size_now,
             buffer_capacity=self._buffer.capacity,
-            inflight=self._writer.inflight,
+            inflight=inflight,
             waiting=self._buffer.waiting,
             backup_files=files,
             backup_bytes=size,
             spool_full=self._spool.backup.full or self._spool.backup.disk_full,
             held_spool_full=self._writer.held,
+            spool_max_bytes=self._spool.backup.max_bytes,
+            spool_disk_free_bytes=_free_bytes(self._spool.directory),
             **self._drain.status(),
         )
+
+    def _queue_figures(self) -> dict[str, Any]:
+        if self._queue is None:
+            return {}
+        q = self._queue.stats()
+        return {
+            "durability": "disk", "queue_values": q.values, "queue_bytes": q.bytes, "queue_max_bytes": q.max_bytes,
+            "queue_pending": q.pending, "queue_oldest_age_s": q.oldest_age, "queue_acknowledged": q.acknowledged,
+            "queue_recovered": q.recovered, "queue_corrupt": q.corrupt, "queue_torn_tails": q.torn_tails,
+            "queue_commits": q.commits, "queue_fsync_p50_s": q.fsync_p50, "queue_fsync_p99_s": q.fsync_p99,
+            "queue_disk_full": q.disk_full,
+        }
+
+    @property
+    def queue_directory(self) -> Path | None:
+        """The durable queue's folder; None in memory."""
+        return self._queue.directory if self._queue is not None else None
 
     def latency_histogram(self) -> LatencyHistogram:
         """The end-to-end latency histogram since start (a consistent copy)."""
         return self._metrics.cumulative_latency()
+
+    def write_duration_histogram(self) -> LatencyHistogram:
+        """Seconds per committed batch write since start (a consistent copy)."""
+        return self._metrics.cumulative_write_durations()
 
     @property
     def fatal_error(self) -> FatalError | None:
@@ -509,3 +603,14 @@ class Pipeline:
     def quarantine_files(self) -> list[Path]:
         """Completed quarantine files, oldest first."""
         return self._spool.quarantine.files()
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Free bytes for this user where the spool goes (one statvfs, no folder scan): the folder's file system,
+    its parent's until it is made; None if neither can be read."""
+    for place in (folder, folder.parent):
+        try:
+            return shutil.disk_usage(place).free
+        except OSError:
+            continue
+    return None

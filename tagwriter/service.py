@@ -25,13 +25,14 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from tagwriter.buffer import RingBuffer
+from tagwriter.buffer import Buffer
 from tagwriter.clock import SYSTEM_CLOCK, Clock
 from tagwriter.config import Config, parse_url
 from tagwriter.endpoint import MetricsServer
-from tagwriter.errors import InputError
+from tagwriter.errors import ConfigError, InputError
 from tagwriter.metrics import MetricsSnapshot
 from tagwriter.pipeline import Pipeline
+from tagwriter.sdnotify import Notifier
 from tagwriter.sinks import Sink
 from tagwriter.sources.base import Source
 from tagwriter.sources.files import FileSource
@@ -87,12 +88,44 @@ def check_folders(config: Config, *, database: bool = True) -> None:
         check_writable(Path(url.path).parent, "SQLite database", "database.url")
 
 
-def source_from_config(config: Config) -> Source:
-    """The source `source.kind` names: simulated polling, or a jsonl/csv file ('-' = stdin)."""
+def source_from_config(config: Config, *, from_start: bool = False) -> Source:
+    """The source `source.kind` names: simulated polling, or a jsonl/csv file ('-' = stdin).
+
+    A file resumes after its last durable line (disk queue) unless `from_start`.
+    """
     src = config.source
     if src.kind == "simulate":
         return SimulatedSource(Simulator.from_config(src))
-    return FileSource(src.kind, src.path)
+    if src.kind in ("jsonl", "csv"):
+        return FileSource(src.kind, src.path, from_start=from_start)
+    return plant_source(config)
+
+
+def plant_source(config: Config) -> Source:
+    """The plant source `source.kind` names, from its own section. Each module (and its library, an extra)
+    is imported only when chosen: a missing extra is a ConfigError naming it."""
+    kind = config.source.kind
+    if kind == "mqtt":
+        from tagwriter.sources.mqtt import MqttSource
+
+        return MqttSource(config.mqtt)
+    if kind == "sparkplug":
+        from tagwriter.sources.sparkplug import SparkplugSource
+
+        return SparkplugSource.from_config(config.mqtt, config.sparkplug)
+    if kind == "modbus":
+        from tagwriter.sources.modbus import ModbusSource
+
+        return ModbusSource.from_config(config.modbus)
+    if kind == "opcua":
+        from tagwriter.sources.opcua import OpcUaSource
+
+        return OpcUaSource.from_config(config.opcua)
+    if kind == "jetstream":
+        from tagwriter.sources.jetstream import JetStreamSource
+
+        return JetStreamSource(config.jetstream, writer_batch_size=config.writer.batch_size)
+    raise ConfigError(f"source.kind = {kind!r}: not a source this version can build")
 
 
 class SourceThread:
@@ -172,13 +205,18 @@ class Service:
 
     def __init__(
         self, config: Config, source: Source | None = None, *,
-        sink: Sink | None = None, buffer: RingBuffer | None = None, clock: Clock = SYSTEM_CLOCK,
+        sink: Sink | None = None, buffer: Buffer | None = None, clock: Clock = SYSTEM_CLOCK,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
+        #: systemd (Type=notify): READY, watchdog pings, RELOADING, STOPPING; a no-op outside systemd.
+        self.notifier = notifier if notifier is not None else Notifier.from_environment()
         self._own_sink = sink is None  # made from database.url: its folder is checked at start
         self.pipeline = Pipeline(config, sink=sink, buffer=buffer, clock=clock)
         self.source = SourceThread(source if source is not None else source_from_config(config))
+        status = getattr(self.source.source, "status", None)
+        self.pipeline.report_source(status if callable(status) else None)
         self.metrics_server: MetricsServer | None = None
         self._started_at: float | None = None
 
@@ -228,7 +266,10 @@ class Service:
             if reload is not None and reload.is_set():
                 reload.clear()
                 if on_reload is not None:
+                    self.notifier.reloading()
                     on_reload()
+                    self.notifier.ready()
+            self._watchdog_beat()
             now = self.clock.monotonic()
             if self.pipeline.writer_failed:
                 return WRITER_FAILED
@@ -239,6 +280,16 @@ class Service:
             if on_interval is not None and now >= next_call:
                 on_interval(self.pipeline.snapshot())
                 next_call = now + self._every(every)
+
+    def _watchdog_beat(self) -> None:
+        """Ping systemd's watchdog when due, only while `liveness()` holds: a writer loop that stopped
+        ticking (or a dead thread) stops the pings, and systemd aborts and restarts the service."""
+        if not self.notifier.watchdog_due():
+            return
+        live, why = self.liveness()
+        if not live:
+            log.error("not pinging the systemd watchdog: %s", why)
+        self.notifier.watchdog(live, why)
 
     def _every(self, every: float | None) -> float:
         return self.config.metrics.log_interval if every is None else every
@@ -288,7 +339,11 @@ class Service:
         while stopper.is_alive() and self.clock.monotonic() < give_up:
             if hurry is not None and hurry.is_set() and not hurried:
                 hurried = True
-                log.warning("second interrupt: spooling what is pending now")
+                if self.pipeline.queue_directory is not None:
+                    log.warning("second interrupt: stopping now; what is pending stays in the queue %s "
+                                "(the next run writes it first)", self.pipeline.queue_directory)
+                else:
+                    log.warning("second interrupt: spooling what is pending now")
                 self.pipeline.abort()
             stopper.join(TICK)
         if self.metrics_server is not None:
@@ -303,6 +358,9 @@ class Service:
     ) -> Verdict:
         """`start`, `watch`, `stop` and judge; an unexpected error spools what is pending, then propagates.
 
+        Under systemd it notifies READY once started, RELOADING/READY around
+        each reload, watchdog pings while live, and STOPPING before the stop.
+
         A `stop` set before the start (a signal during start-up) ends the run
         before anything is opened or read.
         """
@@ -311,11 +369,13 @@ class Service:
             log.info("stopping before the start: %s", early)
             return self.verdict(early, self.pipeline.stop(0.0))
         self.start()
+        self.notifier.ready("running")
         try:
             reason = self.watch(stop, duration=duration, every=every, on_interval=on_interval,
                                 reload=reload, on_reload=on_reload)
             reason = reason if reason is not None else stop_reason()
             log.info("stopping: %s", reason)
+            self.notifier.stopping(f"stopping: {reason}")
             stopped = self.stop(hurry)
         except BaseException:  # a bug here must not leave values in memory: spool them
             self.pipeline.abort()
@@ -346,7 +406,9 @@ class Service:
         if reason == WRITER_FAILED or self.pipeline.writer_failed:  # failed during the stop too
             problems.append(Problem("the writer thread failed; what it held was spooled",
                                     "the log has the traceback: please report it"))
-        lost = s.pending + sum(n for r, n in s.dropped_by_reason.items() if r not in POLICY_DROPS)
+        # What stays durable in the disk queue is not lost: the next run writes it first.
+        lost = s.pending - min(s.pending, s.queue_values) + sum(
+            n for r, n in s.dropped_by_reason.items() if r not in POLICY_DROPS)
         if stopped is not None and (not stopped or lost or s.submitted != s.accounted):
             problems.append(Problem(f"{lost} values could not be written or spooled",
                                     "check the disk of backup.directory and the log"))

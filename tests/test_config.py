@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from pathlib import Path
@@ -418,10 +419,25 @@ def test_a_key_in_the_old_single_underscore_scheme_warns_with_its_new_name(caplo
     ]
 
 
+def _env_text(value: object, annotation: str) -> str | None:
+    """A default as an environment variable would give it; None for a table (set in the file only)."""
+    if annotation.startswith(("dict", "list[dict")):
+        return None
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
 def test_every_key_has_a_double_underscore_name() -> None:
-    env = {config_mod.env_name(*key.split(".")): str(toml_default).strip('"').strip("[]")
-           for key, toml_default, _ in config_mod.describe()}
-    assert "TAGWRITER_BACKUP__QUARANTINE_DIRECTORY" in env
+    defaults = Config()
+    env = {}
+    for key, _, _ in config_mod.describe():
+        section, _, name = key.partition(".")
+        annotation = next(str(f.type) for f in dataclasses.fields(getattr(defaults, section)) if f.name == name)
+        text = _env_text(getattr(getattr(defaults, section), name), annotation)
+        if text is not None:
+            env[config_mod.env_name(section, name)] = text
+    assert "TAGWRITER_BACKUP__QUARANTINE_DIRECTORY" in env and "TAGWRITER_MQTT__TOPICS" in env
     heard: list[str] = []
     assert load(None, env=env, warn=heard.append) == Config() and heard == []
     assert load(None, env={"TAGWRITER_METRICS__PORT": "9464"}).metrics.port == 9464
@@ -473,3 +489,8 @@ def test_a_log_file_that_cannot_be_opened_is_a_config_error(tmp_path: Path) -> N
             assert result.exit_code == 1, result.output
             assert result.stderr.startswith(f"error: logging.file = '{bad}': cannot open: "), result.stderr
             assert "Traceback" not in result.output
+
+
+def test_a_table_from_the_environment_is_refused_with_where_to_set_it() -> None:
+    with pytest.raises(ConfigError, match="TAGWRITER_MODBUS__REGISTERS: a table is set in the config file"):
+        load(None, env={"TAGWRITER_MODBUS__REGISTERS": "x"})

@@ -35,11 +35,11 @@ from tagwriter.cli.common import (
 )
 from tagwriter.cli.signals import SignalRequests, take_early
 from tagwriter.cli.terminal import stdout_console
-from tagwriter.config import Config
+from tagwriter.config import SOURCE_KINDS, Config
 from tagwriter.errors import TagwriterError
 from tagwriter.logs import configure_logging, reopen_log_files
 from tagwriter.metrics import MetricsSnapshot
-from tagwriter.service import EXIT_MEANINGS, ExitStatus, Service, Verdict
+from tagwriter.service import EXIT_MEANINGS, ExitStatus, Service, Verdict, source_from_config
 from tagwriter.ui.panel import render_panel
 
 log = logging.getLogger("tagwriter.run")
@@ -48,10 +48,17 @@ PANEL_HZ = 2.0
 SUFFIX_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv"}
 
 
-class SourceKind(StrEnum):
-    simulate = "simulate"
-    jsonl = "jsonl"
-    csv = "csv"
+class Durability(StrEnum):
+    MEMORY = "memory"
+    DISK = "disk"
+
+
+#: `tagwriter run` queues on disk unless the config file, the environment or --durability says otherwise;
+#: the library's own default (and every other command's) stays memory.
+RUN_DEFAULTS = {"buffer.durability": "disk"}
+
+
+SourceKind = StrEnum("SourceKind", {kind: kind for kind in SOURCE_KINDS})  # type: ignore[misc]
 
 
 @boundary
@@ -80,6 +87,14 @@ def run(
         int | None,
         typer.Option("--metrics-port", metavar="PORT", help="Serve HTTP metrics on this port (metrics.port)."),
     ] = None,
+    durability: Annotated[
+        Durability | None,
+        typer.Option("--durability", help="memory, or disk: fsynced to the queue folder first (buffer.durability; "
+                     "default disk for run)."),
+    ] = None,
+    from_start: Annotated[
+        bool, typer.Option("--from-start", help="Read --input from its first line, not after the last durable one.")
+    ] = False,
 ) -> None:
     """Write tag values from the configured source to the database until stopped.
 
@@ -105,22 +120,24 @@ def run(
         "writer.batch_size": batch_size,
         "writer.flush_interval": flush_interval,
         "metrics.port": metrics_port,
+        "buffer.durability": durability.value if durability is not None else None,
     }
-    config = load_config(ctx, overrides)
+    config = load_config(ctx, overrides, RUN_DEFAULTS)
     if input_path is not None and config.source.kind == "simulate":
         raise fail(f"--input {input_path}: the source is simulate", hint="add --source jsonl or --source csv", code=2)
     src = config.source
-    if src.kind != "simulate" and src.path != "-" and not Path(src.path).is_file():
+    if src.kind in ("jsonl", "csv") and src.path != "-" and not Path(src.path).is_file():
         raise fail(f"source.path = {src.path!r}: no such input file", hint="give an existing file, or '-' for stdin")
     console = stdout_console()
     panel = console.is_terminal and not no_panel
     if panel:
         configure_logging(config.logging.level, config.logging.file or None,
                           max_bytes=config.logging.max_bytes, backup_count=config.logging.backup_count,
-                          console_handler=ConsoleLogHandler(console))
+                          console_handler=ConsoleLogHandler(console), fmt=config.logging.format)
     else:
         setup_logging(config)
-    runner = Runner(config, console, panel=panel, duration=duration, load=lambda: load_config(ctx, overrides))
+    runner = Runner(config, console, panel=panel, duration=duration, from_start=from_start,
+                    load=lambda: load_config(ctx, overrides, RUN_DEFAULTS))
     raise typer.Exit(code=runner.run())
 
 
@@ -157,7 +174,7 @@ class Runner:
 
     def __init__(
         self, config: Config, console: Console, *, panel: bool, duration: float | None,
-        load: Callable[[], Config] | None = None,
+        load: Callable[[], Config] | None = None, from_start: bool = False,
     ) -> None:
         self.config = config
         self.console = console
@@ -166,7 +183,7 @@ class Runner:
         self.load = load
         # The entry point's requests hold a signal that came during start-up; else (a test harness) fresh ones.
         self.requests = take_early() or SignalRequests()
-        self.service = Service(config)
+        self.service = Service(config, source_from_config(config, from_start=from_start))
 
     def run(self) -> int:
         with self.requests.installed():
@@ -229,6 +246,9 @@ class Runner:
             f"  ({'adds up' if v.adds_up else 'DOES NOT ADD UP'})",
         )
         echo(f"batches: {s.batches_ok} written, {s.batches_failed} failed, {s.retries} retries")
+        if s.durability == "disk":
+            echo(f"queue: recovered {s.queue_recovered} values at start; {s.queue_values} stay queued on disk in "
+                 f"{pipeline.queue_directory}" + (" (the next run writes them first)" if s.queue_values else ""))
         if s.dropped_by_reason:
             echo("dropped by reason: " + ", ".join(f"{k} {n}" for k, n in sorted(s.dropped_by_reason.items())))
         if s.bad_input_lost:
@@ -236,24 +256,54 @@ class Runner:
                  f"{pipeline.quarantine_directory}, {s.bad_input_lost} NOT kept (the quarantine write failed)")
         elif s.bad_input:
             echo(f"malformed input lines: {s.bad_input}, kept in {pipeline.quarantine_directory}")
-        if s.spooled or s.backup_files:
-            echo(f"backup: {s.backup_files} files, {s.backup_bytes} bytes in {pipeline.spool_directory}"
-                 " (tagwriter replay writes them to the database)")
+        for line in spool_summary(s, pipeline.spool_directory, auto_replay=self.config.backup.auto_replay):
+            echo(line)
         for shortfall in v.shortfalls:
             warn(f"{shortfall.message} (exit status {int(ExitStatus.SHORTFALL)}): {shortfall.hint}")
         for problem in v.problems:
             fail(problem.message, problem.hint)
 
 
+def spool_summary(s: MetricsSnapshot, folder: Path, *, auto_replay: bool) -> list[str]:
+    """What became of the backup files: what the automatic recovery drained, and what is left.
+
+    The hint to replay comes only with files left; a spool drained to the end says so.
+    """
+    x = s.extra
+    written, duplicates = x.get("replayed", 0), x.get("replay_duplicates", 0)
+    quarantined = x.get("replay_quarantined", 0)
+    drained = written + duplicates + quarantined
+    lines = []
+    if drained:
+        bad = f", {x['replay_bad_lines']} malformed lines quarantined" if x.get("replay_bad_lines") else ""
+        lines.append(f"recovered: drained {drained} rows from backup files into the database ({written} written, "
+                     f"{duplicates} duplicates, {quarantined} quarantined{bad}; "
+                     f"{_plural(x.get('replayed_files', 0), 'file')} done)")
+    if s.backup_files:
+        later = "; so does the next run" if auto_replay else ""
+        lines.append(f"backup: {_plural(s.backup_files, 'file')}, {s.backup_bytes} bytes left in {folder} "
+                     f"(tagwriter replay writes them to the database{later})")
+    elif s.spooled or drained:
+        lines.append(f"backup: no files left in {folder}")
+    return lines
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def status_line(s: MetricsSnapshot) -> str:
     """The concise status log line written when there is no panel."""
+    write_p99 = f"{s.p99_write_latency_5m_s * 1000:.1f} ms" if s.write_latency_samples_5m else "–"
     line = (
         f"{s.state} | buffer {s.buffer_size}/{s.buffer_capacity} ({s.buffer_utilization_pct:.1f}%)"
         f" | in {s.rate_in_per_s:.0f}/s out {s.rate_out_per_s:.0f}/s"
         f" | written {s.written} dup {s.duplicates} spooled {s.spooled}"
         f" quarantined {s.quarantined} dropped {s.dropped}"
-        f" | write p99 {s.p99_write_latency_5m_s * 1000:.1f} ms | backup {s.backup_files} files"
+        f" | write p99 {write_p99} | backup {s.backup_files} files"
     )
+    if s.durability == "disk":
+        line += f" | queue {s.queue_values} on disk"
     if s.backlog_rows:
         line += f" | backlog {s.backlog_rows} rows"
     if s.last_error and s.state != "writing":
