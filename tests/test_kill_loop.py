@@ -22,7 +22,7 @@ from kill_loop import Report, Settings, describe, postgresql_loop, sqlite_loop
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 #: The input lasts far more than the kills: ~2,000 values are written per killed run (batch size 1).
-SQLITE = Settings(values=200_000, kills=60, seed=13)
+SQLITE = Settings(values=400_000, kills=60, seed=13)
 #: 4 kills with the database there, 8 while it refuses connections, 4 after it is back.
 OUTAGE = Settings(values=60_000, kills=16, seed=29, batch_size=50)
 OUTAGE_KILLS = range(4, 12)
