@@ -429,6 +429,30 @@ def test_a_connection_that_goes_silent_is_dropped_and_made_again(server: Server,
     assert all(q == 0 for _, _, v, q in rows if v is None)
 
 
+def test_a_gateway_that_takes_the_connection_and_resets_it_is_backed_off_not_flooded(
+        server: Server, tmp_path: Path) -> None:
+    """Connect works, every request meets a reset (a gateway whose device is gone): the source backs off
+    between attempts, and bad rows come at most once a poll interval per tag, not once per attempt (it spun:
+    thousands of bad rows a second against an unreachable gateway before)."""
+    with FaultProxy(("127.0.0.1", server.port)) as proxy:
+        pipeline = make_pipeline(tmp_path).start()
+        cfg = section(server, [{"tag": "a", "address": 0}, {"tag": "b", "address": 1}], reconnect_delay=0.2)
+        cfg.port = proxy.port
+        source = ModbusSource.from_config(cfg)
+        with running(source, pipeline):
+            wait_until(lambda: source.counts.polls >= 3, "3 polls")
+            proxy.reset()
+            cut = time.monotonic()
+            wait_until(lambda: source.counts.connection_losses >= 3, "three losses, backed off", 30)
+            losses = source.counts.connection_losses
+            time.sleep(1.0)  # the measurement window: attempts in one second with a 0.2 s doubling backoff
+            assert source.counts.connection_losses - losses <= 4
+            elapsed = time.monotonic() - cut
+    bad = [row for row in table(tmp_path) if row[3] == 0]
+    assert bad, "the loss marks the tags bad"
+    assert len(bad) <= 2 * (elapsed / 0.1 + 2), f"{len(bad)} bad rows in {elapsed:.1f}s"  # 2 tags, 0.1 s polls
+
+
 def format_ts_of(epoch_s: float) -> str:
     return format_ts(round(epoch_s * 1_000_000))
 

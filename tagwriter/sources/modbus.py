@@ -387,6 +387,7 @@ class ModbusSource:
         self._readers = {kind: getattr(self._client, method) for kind, (_, method) in KINDS.items()}
         self._connected = False
         self._was_connected = False
+        self._session_good = False  # a value was read on the current connection
         self._silent = 0  # requests in a row without an answer
         self._failing: set[Read] = set()  # requests failing now: logged once, and again when they recover
         self._last_error = ""
@@ -408,8 +409,14 @@ class ModbusSource:
         """Connect, poll, reconnect after a loss; until `stop` or the pipeline stops."""
         log.info("%s: polling %d tags in %d groups", self.name, sum(map(len, self.groups)), len(self.groups))
         try:
+            delays = iter(self.backoff)
             while self._connect(stop):
+                self._session_good = False
                 self._poll_while_connected(intake, stop)
+                if self._session_good:
+                    delays = iter(self.backoff)
+                elif not stop.is_set() and self.clock.wait(stop, next(delays, self.backoff.cap or 30.0)):
+                    break  # a connection that takes the connect but answers nothing: back off, do not spin
         except PipelineStopped:
             log.info("%s: the pipeline stopped; polling ends", self.name)
         finally:
@@ -503,6 +510,9 @@ class ModbusSource:
         self.counts.polls += 1
         if values:
             self._last_poll = self.clock.monotonic()
+            self._session_good = True
+        if lost and not self._session_good:
+            return True  # nothing was read on this connection: its values were marked bad when the last one was lost
         self._submit(intake, group, ts, values, failed)
         if lost:
             for other in self.groups:
