@@ -113,3 +113,21 @@ class ManualClock:
             self._cond.notify_all()
         return waiter.timeout
 
+
+
+class StepClock:
+    """A clock that stands where the test puts it (`now`) and moves only by the timeouts it is asked to wait."""
+
+    def __init__(self, start: float = 1000.0, wall: float = 1_700_000_000.0) -> None:
+        self.now = start
+        self._wall = wall
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self._wall + self.now
+
+    def wait(self, event: threading.Event, timeout: float) -> bool:
+        self.now += max(0.0, timeout)
+        return event.is_set()

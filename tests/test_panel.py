@@ -3,29 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
 
 from rich.console import Console
 
 from tagwriter.metrics import Metrics, MetricsSnapshot, WriterState
 from tagwriter.ui.panel import BAR_WIDTH, EMPTY, FILL, PANEL_WIDTH, render_panel
-
-
-class StepClock:
-    """A clock that only moves when told to (no real sleeping)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return 1_700_000_000.0 + self.now
-
-    def wait(self, event: threading.Event, timeout: float) -> bool:
-        self.now += timeout
-        return event.is_set()
+from tests.clocks import StepClock
 
 
 def text_of(snapshot: MetricsSnapshot, target: str = "", width: int = 100) -> str:

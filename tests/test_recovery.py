@@ -33,7 +33,7 @@ from tagwriter.sinks.sqlite import SqliteSink
 from tagwriter.spool import Spool
 from tagwriter.ui.panel import render_panel
 from tagwriter.writer import Writer
-from tests.clocks import ManualClock
+from tests.clocks import ManualClock, StepClock
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
@@ -302,21 +302,6 @@ def test_a_live_batch_waits_behind_at_most_one_backlog_batch(tmp_path: Path) -> 
 # -- SpoolDrain step by step, with a fake clock -----------------------------------------
 
 
-class StepClock:
-    def __init__(self) -> None:
-        self.now = 500.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return T0 + self.now
-
-    def wait(self, event: threading.Event, timeout: float) -> bool:
-        self.now += max(0.0, timeout)
-        return event.is_set()
-
-
 class TimedSink(MemorySink):
     """Every write takes `seconds` on the fake clock."""
 
@@ -336,7 +321,7 @@ def drain_env(tmp_path: Path, rows: int = 2000, **backup: Any) -> tuple[SpoolDra
     for i in range(0, rows, 100):
         spool.write_rows([TagValue(f"earlier.{k % 10}", 1_000_000 * (k // 10), float(k)) for k in range(i, i + 100)])
     spool.seal()
-    clock = StepClock()
+    clock = StepClock(start=500.0, wall=T0)
     sink = TimedSink(SqliteSink(tmp_path / "tags.db"), clock, 0.01)
     sink.open()
     return SpoolDrain(spool, sink, cfg, clock=clock), sink, clock, spool

@@ -45,6 +45,7 @@ from tagwriter.sources.modbus import (
     parse_registers,
     plan_groups,
 )
+from tests.clocks import StepClock
 
 pymodbus = pytest.importorskip("pymodbus", reason="the modbus extra (pymodbus) is not installed")
 from pymodbus.client import ModbusTcpClient  # noqa: E402
@@ -511,25 +512,8 @@ def test_a_full_buffer_holds_polling_back_and_nothing_is_dropped(server: Server,
     assert source.counts.missed_polls > 0  # the instants passed while held are counted, not caught up
 
 
-class StillClock:
-    """A clock that stands where the test puts it."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def time(self) -> float:
-        return 1_700_000_000.0 + self.now
-
-    def wait(self, event: threading.Event, timeout: float) -> bool:
-        self.now += timeout
-        return event.is_set()
-
-
 def test_a_late_poll_goes_at_once_without_a_burst_and_the_passed_instants_are_counted() -> None:
-    clock = StillClock()
+    clock = StepClock(start=0.0)
     source = ModbusSource("127.0.0.1", 1, [], clock=clock)
     clock.now = 0.4
     assert source._next_due(0.0, 1.0) == 1.0  # on time: one interval on
