@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import NamedTuple
+from functools import partial
+from itertools import repeat
+from typing import Any, NamedTuple, overload
 
 #: OPC DA "good" quality, the default when a source does not say.
 GOOD_QUALITY = 192
@@ -145,6 +147,106 @@ class TagValue(NamedTuple):
         return from_epoch_us(self.ts_us)
 
 
+#: A TagValue from a 4-tuple without NamedTuple's Python-level __new__ (a frame per row).
+_row = partial(tuple.__new__, TagValue)
+
+
+class Chunk(Sequence[TagValue]):
+    """Rows kept column by column: what moves through the buffer, the queue and into the sinks.
+
+    A polling group of n values is one chunk of four lists (tag names, epoch
+    microseconds, values, qualities), not n `TagValue` objects: the buffer
+    moves whole groups, a batch is the chunks it drained joined column by
+    column (`Chunk.join`, a few C-level list extends), and a sink that knows
+    chunks (SQLite, PostgreSQL, Oracle) binds the columns as they are. The
+    values of a group share one timestamp object and one quality object, so a
+    buffered value costs four list slots and its float.
+
+    A chunk is also a `Sequence[TagValue]`: indexing, iteration and slicing
+    give rows (made on demand), so code that wants rows needs no change. The
+    columns are lists of equal length; nobody changes them once the chunk is built.
+    """
+
+    __slots__ = ("qualities", "stamps", "tags", "values")
+
+    def __init__(
+        self, tags: list[str], stamps: list[int], values: list[float | None], qualities: list[int],
+    ) -> None:
+        self.tags = tags
+        self.stamps = stamps
+        self.values = values
+        self.qualities = qualities
+
+    @classmethod
+    def of(cls, rows: Iterable[TagValue]) -> Chunk:
+        """The chunk of `rows` (a chunk is returned as it is)."""
+        if isinstance(rows, Chunk):
+            return rows
+        rows = rows if isinstance(rows, (list, tuple)) else list(rows)
+        if not rows:
+            return cls([], [], [], [])
+        tags, stamps, values, qualities = map(list, zip(*rows, strict=True))
+        return cls(tags, stamps, values, qualities)
+
+    @classmethod
+    def join(cls, chunks: Sequence[Chunk]) -> Chunk:
+        """One chunk of `chunks` in order (the only one as it is)."""
+        if len(chunks) == 1:
+            return chunks[0]
+        tags: list[str] = []
+        stamps: list[int] = []
+        values: list[float | None] = []
+        qualities: list[int] = []
+        for c in chunks:
+            tags += c.tags
+            stamps += c.stamps
+            values += c.values
+            qualities += c.qualities
+        return cls(tags, stamps, values, qualities)
+
+    def __len__(self) -> int:
+        return len(self.tags)
+
+    @overload
+    def __getitem__(self, i: int) -> TagValue: ...
+    @overload
+    def __getitem__(self, i: slice) -> Chunk: ...
+    def __getitem__(self, i: int | slice) -> TagValue | Chunk:
+        if isinstance(i, slice):
+            return Chunk(self.tags[i], self.stamps[i], self.values[i], self.qualities[i])
+        return _row((self.tags[i], self.stamps[i], self.values[i], self.qualities[i]))
+
+    def __iter__(self) -> Iterator[TagValue]:
+        return map(_row, zip(self.tags, self.stamps, self.values, self.qualities, strict=True))
+
+    def __reversed__(self) -> Iterator[TagValue]:
+        return iter(list(self)[::-1])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Chunk):
+            return (self.tags == other.tags and self.stamps == other.stamps and self.values == other.values
+                    and self.qualities == other.qualities)
+        if isinstance(other, (list, tuple)):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable lists inside, like a list
+
+    def __repr__(self) -> str:
+        return f"Chunk({list(self)!r})"
+
+    def params(self, ts: Callable[[int], object]) -> Iterator[tuple[object, object, object, object]]:
+        """(tag, ts(stamp), value, quality) per row, `ts` called once per distinct stamp: a sink's bind rows."""
+        stamps = self.stamps
+        if not stamps:
+            return iter(())
+        first = stamps[0]
+        if stamps.count(first) == len(stamps):  # one polling group (or several at one instant): the common case
+            return zip(self.tags, repeat(ts(first), len(stamps)), self.values, self.qualities, strict=True)
+        shown = {s: ts(s) for s in set(stamps)}
+        return zip(self.tags, map(shown.__getitem__, stamps), self.values, self.qualities, strict=True)
+
+
 @dataclass(slots=True)
 class PollingData:
     """One poll of one group of tags: what a collector hands to `Pipeline.submit`.
@@ -176,8 +278,32 @@ class PollingData:
         except OverflowError:
             raise ValueError(f"value {short_repr(value)} of tag {short_repr(tag)} is too large for a float") from None
 
+    def chunk(self) -> Chunk:
+        """The group as one `Chunk` (what `Pipeline.submit` queues): `rows()` without an object per value.
+
+        Raises ValueError as `rows()` does; the tag names are not checked here (`check_tag_names`).
+        """
+        ts_us = to_epoch_us(self.ts)
+        quality = int(self.quality)
+        if quality not in QUALITY_RANGE:
+            raise ValueError(f"quality {short_repr(quality)} is not a 64-bit integer")
+        n = len(self.values)
+        values: list[float | None] = list(self.values.values())
+        if not set(map(type, values)) <= _VALUE_TYPES:
+            values = list(map(_as_float, self.values.items()))
+        return Chunk(list(self.values), [ts_us] * n, values, [quality] * n)
+
     def __len__(self) -> int:
         return len(self.values)
+
+
+def _as_float(item: tuple[str, object]) -> float | None:
+    """A group's value as `rows()` makes it: None, or `float(value)`."""
+    tag, value = item
+    try:
+        return None if value is None else float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        raise ValueError(f"value {short_repr(value)} of tag {short_repr(tag)} is too large for a float") from None
 
 
 def checked_rows(rows: Sequence[TagValue]) -> Sequence[TagValue]:
@@ -190,7 +316,10 @@ def checked_rows(rows: Sequence[TagValue]) -> Sequence[TagValue]:
     """
     if not rows:
         return rows
-    tags, stamps, values, qualities = zip(*rows, strict=True)
+    columns: Sequence[Sequence[Any]] = (
+        (rows.tags, rows.stamps, rows.values, rows.qualities) if isinstance(rows, Chunk) else tuple(zip(*rows, strict=True))
+    )
+    tags, stamps, values, qualities = columns
     check_tag_names(tags)
     if set(map(type, stamps)) != {int} or min(stamps) < _MIN_US or max(stamps) >= _MAX_US:
         bad = next(t for t in stamps if type(t) is not int or not _MIN_US <= t < _MAX_US)
@@ -201,8 +330,9 @@ def checked_rows(rows: Sequence[TagValue]) -> Sequence[TagValue]:
         raise ValueError(f"quality {short_repr(bad)} is not a 64-bit integer")
     if set(map(type, values)) <= _VALUE_TYPES:
         return rows
-    return [row if type(row[2]) in _VALUE_TYPES else row._replace(value=_float(row))
-            for row in map(TagValue._make, rows)]
+    fixed = [row if type(row[2]) in _VALUE_TYPES else row._replace(value=_float(row))
+             for row in map(TagValue._make, rows)]
+    return Chunk.of(fixed) if isinstance(rows, Chunk) else fixed
 
 
 _VALUE_TYPES = {float, type(None)}
