@@ -317,7 +317,8 @@ def checked_rows(rows: Sequence[TagValue]) -> Sequence[TagValue]:
     if not rows:
         return rows
     columns: Sequence[Sequence[Any]] = (
-        (rows.tags, rows.stamps, rows.values, rows.qualities) if isinstance(rows, Chunk) else tuple(zip(*rows, strict=True))
+        (rows.tags, rows.stamps, rows.values, rows.qualities) if isinstance(rows, Chunk)
+        else tuple(zip(*rows, strict=True))
     )
     tags, stamps, values, qualities = columns
     check_tag_names(tags)
