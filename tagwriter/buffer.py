@@ -1,9 +1,11 @@
 """`RingBuffer`: the bounded, thread-safe queue between producers and the writer.
 
-Rows sit in one deque; beside it a deque of *marks* `[t_submit, count]`, one
-per `put_many`, carries the submit time of each group so the writer can
-measure per-value end-to-end latency without storing a time per value.
-One mutex is shared by both Conditions (as in `queue.Queue`).
+Rows sit in one deque of *entries* (submit time, chunk), one per `put_many`:
+each polling group stays one `models.Chunk` (columns, not an object per
+value), and its submit time lets the writer measure per-value end-to-end
+latency without storing a time per value. `drain` takes whole chunks (the
+last one cut where the batch ends) and joins them column by column. One
+mutex is shared by both Conditions (as in `queue.Queue`).
 
 Every row taken gets a *position* (0, 1, 2, ... in the order taken): a batch
 covers positions `start` .. `end - 1`, a put reports the position after its
@@ -25,7 +27,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from tagwriter.clock import SYSTEM_CLOCK, Clock
-from tagwriter.models import TagValue
+from tagwriter.models import Chunk, TagValue
 from tagwriter.settle import Settlement
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ class Batch:
     hold positions `start` .. `start + len(rows) - 1` (see the module docstring).
     """
 
-    rows: list[TagValue] = field(default_factory=list)
+    rows: Sequence[TagValue] = field(default_factory=lambda: Chunk([], [], [], []))  # a Chunk from a buffer
     marks: list[tuple[float, int]] = field(default_factory=list)
     start: int = 0
 
@@ -76,10 +78,18 @@ class PutResult:
 
     accepted: int
     dropped: int = 0
-    evicted: list[TagValue] = field(default_factory=list)
-    refused: tuple[TagValue, ...] = ()  # a tuple: no allocation per put on the normal path
+    evicted: Sequence[TagValue] = field(default_factory=list)
+    refused: Sequence[TagValue] = ()  # a tuple: no allocation per put on the normal path
     end: int = 0
     popped: tuple[int, int] = (0, 0)
+
+
+@dataclass(slots=True)
+class _Entry:
+    """The rows of one put, and when they were submitted (`clock.monotonic()`)."""
+
+    t_submit: float
+    chunk: Chunk
 
 
 class Buffer(Protocol):
@@ -134,11 +144,11 @@ class RingBuffer:
         self.block_timeout = block_timeout
         self.warn_interval = warn_interval
         self._clock = clock
-        self._rows: deque[TagValue] = deque()
-        self._head = start  # position of _rows[0]
+        self._entries: deque[_Entry] = deque()  # oldest first
+        self._len = 0  # rows in _entries
+        self._head = start  # position of the first row of _entries
         #: Settled positions of this buffer (see the module docstring); `release` moves it.
         self.settlement = Settlement(start)
-        self._marks: deque[list[float]] = deque()  # [t_submit, count]
         self._mutex = threading.Lock()
         self._not_empty = threading.Condition(self._mutex)
         self._not_full = threading.Condition(self._mutex)
@@ -152,7 +162,7 @@ class RingBuffer:
         self.warnings_logged = 0
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return self._len
 
     # -- producers ---------------------------------------------------------
 
@@ -165,42 +175,43 @@ class RingBuffer:
         """
         n = len(rows)
         if n == 0:
-            return PutResult(0, end=self._head + len(self._rows))
+            return PutResult(0, end=self._head + self._len)
         if t_submit is None:
             t_submit = self._clock.monotonic()
+        chunk = Chunk.of(rows)
         with self._mutex:
             if self._closed:
-                return PutResult(0, refused=tuple(rows), end=self._head + len(self._rows))
+                return PutResult(0, refused=chunk, end=self._head + self._len)
             if self.policy is OverflowPolicy.BLOCK:
-                result = self._put_blocking(rows, t_submit)
+                result = self._put_blocking(chunk, t_submit)
             else:
-                result = self._put_evicting(rows, t_submit)
+                result = self._put_evicting(chunk, t_submit)
             self._not_empty.notify()
         if result.dropped or result.evicted:
             self._warn_overflow(result.dropped + len(result.evicted))
         return result
 
-    def _put_evicting(self, rows: Sequence[TagValue], t_submit: float) -> PutResult:
+    def _put_evicting(self, rows: Chunk, t_submit: float) -> PutResult:
         n = len(rows)
-        excess = len(self._rows) + n - self.capacity
-        evicted: list[TagValue] = []
+        excess = self._len + n - self.capacity
+        evicted: Sequence[TagValue] = []
         popped_from = self._head
         if excess > 0:
-            from_buffer = min(excess, len(self._rows))
+            from_buffer = min(excess, self._len)
             evicted = self._pop_front(from_buffer)
             if excess > from_buffer:  # the group alone is larger than the buffer
                 skip = excess - from_buffer
-                evicted.extend(rows[:skip])
+                evicted = Chunk.join([Chunk.of(evicted), rows[:skip]])
                 rows = rows[skip:]
             self.overflowed += excess
         popped = (popped_from, self._head)
         self._append(rows, t_submit)
-        end = self._head + len(self._rows)
+        end = self._head + self._len
         if self.policy is OverflowPolicy.SPILL:
             return PutResult(len(rows), 0, evicted, end=end, popped=popped)
         return PutResult(len(rows), len(evicted), end=end, popped=popped)
 
-    def _put_blocking(self, rows: Sequence[TagValue], t_submit: float) -> PutResult:
+    def _put_blocking(self, rows: Chunk, t_submit: float) -> PutResult:
         """Wait for room up to `block_timeout`; rows still waiting count in `waiting`.
 
         `close()` ends the wait: rows not yet taken come back as `refused`.
@@ -210,9 +221,9 @@ class RingBuffer:
         waited = False
         try:
             while accepted < len(rows):
-                room = self.capacity - len(self._rows)
+                room = self.capacity - self._len
                 if room > 0:
-                    take = rows[accepted : accepted + room]
+                    take = rows if accepted == 0 and room >= len(rows) else rows[accepted : accepted + room]
                     self._append(take, t_submit)
                     accepted += len(take)
                     if waited:
@@ -231,40 +242,42 @@ class RingBuffer:
                 self.waiting -= len(rows) - accepted
         if waited:
             self.blocked_puts += 1
-        end = self._head + len(self._rows)
+        end = self._head + self._len
         if self._closed and accepted < len(rows):
-            return PutResult(accepted, refused=tuple(rows[accepted:]), end=end)
+            return PutResult(accepted, refused=rows[accepted:], end=end)
         dropped = len(rows) - accepted
         self.overflowed += dropped
         return PutResult(accepted, dropped, end=end)
 
-    def _append(self, rows: Sequence[TagValue], t_submit: float) -> None:
+    def _append(self, rows: Chunk, t_submit: float) -> None:
         if not rows:
             return
-        self._rows.extend(rows)
-        self._marks.append([t_submit, len(rows)])
+        self._entries.append(_Entry(t_submit, rows))
+        self._len += len(rows)
 
-    def _pop_front(self, n: int) -> list[TagValue]:
-        rows = self._rows
-        taken = [rows.popleft() for _ in range(n)]
-        self._head += n
-        self._consume_marks(n, None)
-        return taken
-
-    def _consume_marks(self, n: int, out: list[tuple[float, int]] | None) -> None:
-        marks = self._marks
-        while n > 0:
-            mark = marks[0]
-            t, count = mark[0], int(mark[1])
-            if count <= n:
-                marks.popleft()
-                take = count
+    def _pop_front(self, n: int, marks: list[tuple[float, int]] | None = None) -> Chunk:
+        """The `n` oldest rows out of the buffer, whole chunks joined and the last one cut (under the mutex);
+        their `(t_submit, count)` marks appended to `marks`."""
+        entries = self._entries
+        taken: list[Chunk] = []
+        left = n
+        while left > 0:
+            entry = entries[0]
+            chunk = entry.chunk
+            count = len(chunk)
+            if count <= left:
+                entries.popleft()
+                taken.append(chunk)
             else:
-                mark[1] = count - n
-                take = n
-            if out is not None:
-                out.append((t, take))
-            n -= take
+                taken.append(chunk[:left])
+                entry.chunk = chunk[left:]
+                count = left
+            if marks is not None:
+                marks.append((entry.t_submit, count))
+            left -= count
+        self._head += n
+        self._len -= n
+        return Chunk.join(taken) if taken else Chunk([], [], [], [])
 
     def _warn_overflow(self, n: int) -> None:
         """Log overflow at most once per `warn_interval`, with the count since last time."""
@@ -303,7 +316,7 @@ class RingBuffer:
         clock = self._clock
         deadline = clock.monotonic() + timeout
         with self._mutex:
-            while not self._closed and self.capacity - len(self._rows) < need:
+            while not self._closed and self.capacity - self._len < need:
                 remaining = deadline - clock.monotonic()
                 if remaining <= 0.0:
                     return False
@@ -323,11 +336,11 @@ class RingBuffer:
             while True:
                 if self._wake:
                     self._wake = False
-                    return len(self._rows)
+                    return self._len
                 now = clock.monotonic()
                 wait = min(self._due_in(batch_size, max_age, now), deadline - now)
                 if wait <= 0.0:
-                    return len(self._rows)
+                    return self._len
                 self._not_empty.wait(None if wait == math.inf else wait)
 
     def batch_due(self, batch_size: int, max_age: float) -> bool:
@@ -337,11 +350,11 @@ class RingBuffer:
 
     def _due_in(self, batch_size: int, max_age: float, now: float) -> float:
         """Seconds until a batch is due by `batch_due`'s rule (0 = now, inf when empty); under the mutex."""
-        if len(self._rows) >= batch_size:
+        if self._len >= batch_size:
             return 0.0
-        if not self._rows:
+        if not self._len:
             return math.inf
-        return max_age - (now - self._marks[0][0])
+        return max_age - (now - self._entries[0].t_submit)
 
     def wake(self) -> None:
         """Make a pending or the next `wait_ready` return at once."""
@@ -352,21 +365,20 @@ class RingBuffer:
     def drain(self, max_n: int) -> Batch:
         """Take up to `max_n` rows, oldest first; never blocks on an empty buffer."""
         with self._mutex:
-            n = min(max_n, len(self._rows))
+            n = min(max_n, self._len)
             if n == 0:
                 return Batch()
-            rows = self._rows
-            batch = Batch([rows.popleft() for _ in range(n)], [], self._head)
-            self._head += n
-            self._consume_marks(n, batch.marks)
+            start = self._head
+            marks: list[tuple[float, int]] = []
+            batch = Batch(self._pop_front(n, marks), marks, start)
             self._not_full.notify_all()
             return batch
 
-    def evict(self, n: int) -> tuple[list[TagValue], int]:
+    def evict(self, n: int) -> tuple[Chunk, int]:
         """Take up to `n` of the oldest rows out (not as a batch); returns them and the position of the first."""
         with self._mutex:
             first = self._head
-            taken = self._pop_front(min(n, len(self._rows)))
+            taken = self._pop_front(min(n, self._len))
             if taken:
                 self._not_full.notify_all()
             return taken, first
@@ -378,11 +390,11 @@ class RingBuffer:
     @property
     def tail(self) -> int:
         """The position the next row taken will get."""
-        return self._head + len(self._rows)
+        return self._head + self._len
 
     def oldest_age(self) -> float:
         """Seconds the oldest pending row has waited (0 when empty)."""
         with self._mutex:
-            if not self._marks:
+            if not self._entries:
                 return 0.0
-            return max(0.0, self._clock.monotonic() - self._marks[0][0])
+            return max(0.0, self._clock.monotonic() - self._entries[0].t_submit)

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from tagwriter.buffer import Batch, OverflowPolicy, PutResult, RingBuffer
 from tagwriter.clock import SYSTEM_CLOCK, Clock
-from tagwriter.models import TagValue
+from tagwriter.models import Chunk, TagValue
 from tagwriter.queueformat import ChunkError, chunk_crc, decode_chunk, encode_chunk, sync_directory, torn_wal_tail
 from tagwriter.settle import Settlement
 
@@ -333,7 +333,7 @@ class DiskQueue:
     def closed(self) -> bool:
         return self._closed
 
-    def shutdown(self, timeout: float) -> list[TagValue]:
+    def shutdown(self, timeout: float) -> Sequence[TagValue]:
         """Stop the commit thread after a last commit (releases too); close the files.
 
         Returns the rows that could not be made durable (a full or failing
@@ -361,10 +361,10 @@ class DiskQueue:
                 log.error("queue: closing %s: %s", self.directory / QUEUE_FILE, exc)
         return left
 
-    def _take_pending(self) -> list[TagValue]:
+    def _take_pending(self) -> Chunk:
         """The rows submitted and not made durable, taken out of the queue (for the caller to spool)."""
         with self._lock:
-            left = [row for p in self._pending for row in p.rows]
+            left = Chunk.join([Chunk.of(p.rows) for p in self._pending]) if self._pending else Chunk([], [], [], [])
             self._pending.clear()
             self._pending_values = 0
         return left
@@ -380,12 +380,13 @@ class DiskQueue:
         Values pushed out under `drop-oldest` come back as `popped` (to release once counted).
         """
         n = len(rows)
+        rows = Chunk.of(rows)
         if t_submit is None:
             t_submit = self._clock.monotonic()
         dropped, popped = 0, (0, 0)
         with self._lock:
             if self._closed:
-                return PutResult(0, refused=tuple(rows), end=self._next_seq)
+                return PutResult(0, refused=rows, end=self._next_seq)
             if n and self._over_cap(n):
                 refusal = self._overflow(rows)
                 if isinstance(refusal, PutResult):
@@ -413,7 +414,7 @@ class DiskQueue:
         n = len(rows)
         if self.policy is OverflowPolicy.SPILL:
             self.overflowed += n
-            return PutResult(0, evicted=list(rows), end=self._next_seq)
+            return PutResult(0, evicted=rows, end=self._next_seq)
         if self.policy is OverflowPolicy.DROP_OLDEST:
             # The oldest values the writer has not taken yet; their records go with the commit after their release.
             evicted, first = self._ring.evict(n)
@@ -434,7 +435,7 @@ class DiskQueue:
         finally:
             self.waiting -= n
         if self._closed:
-            return PutResult(0, refused=tuple(rows), end=self._next_seq)
+            return PutResult(0, refused=rows, end=self._next_seq)
         return 0, (0, 0)
 
     def wait_for_room(self, n: int, timeout: float) -> bool:
@@ -726,13 +727,13 @@ class DiskQueue:
 
     def _read(
         self, wanted: list[_Chunk], start: int, room: int, *, may_skip: bool,
-    ) -> tuple[list[tuple[list[TagValue], float]], int]:
+    ) -> tuple[list[tuple[Chunk, float]], int]:
         """Decode records from `start` on, up to `room` values (at least one record); returns them and where the
         next read starts. Positions no record gives (a record that cannot be trusted: settled and counted; or
         released ahead of the watermark: settled) end the read; they are passed over (returned alone) when
         `may_skip` and nothing precedes them. A read that fails (not a bad record: a lock, a closed file) ends
         the read too; what it missed stays queued for the next."""
-        out: list[tuple[list[TagValue], float]] = []
+        out: list[tuple[Chunk, float]] = []
         taken = 0
         now_mono, now_wall = self._clock.monotonic(), self._clock.time()
         fetched = self._fetch(wanted)
@@ -770,7 +771,7 @@ class DiskQueue:
             return {}
         return {row[0]: row[1:] for row in rows}
 
-    def _read_one(self, chunk: _Chunk, fetched: tuple[object, ...] | None = None) -> tuple[list[TagValue], float]:
+    def _read_one(self, chunk: _Chunk, fetched: tuple[object, ...] | None = None) -> tuple[Chunk, float]:
         """The rows of a record and its wall time; _BadRecord if it cannot be trusted, sqlite3.Error if it
         cannot be read now. `fetched` is its stored row when `_fetch` got it."""
         data = None
@@ -850,7 +851,7 @@ def _record(group: list[_Pending]) -> tuple[int, int, float, int, bytes]:
     """One record of consecutive submits (their positions follow each other): fewer, larger records cost less
     to write, index, read back and decode than one per submit (a polling group of 100 values)."""
     first = group[0]
-    rows = first.rows if len(group) == 1 else [row for p in group for row in p.rows]
+    rows = Chunk.join([Chunk.of(p.rows) for p in group])
     data = encode_chunk(rows)
     return first.seq, len(rows), first.t_wall, chunk_crc(first.seq, len(rows), data), data
 

@@ -56,6 +56,27 @@ def check_tag_names(tags: Collection[str]) -> None:
             raise ValueError(f"tag name {short_repr(tag)} {problem}")
 
 
+_KNOWN_TAGS: dict[tuple[str, ...], tuple[str, ...]] = {}
+_KNOWN_TAGS_MAX = 4096  # tag lists remembered (a plant has tens to thousands of polling groups)
+
+
+def known_tag_names(tags: tuple[str, ...]) -> tuple[str, ...]:
+    """`check_tag_names(tags)`, remembered: a polling group's tag list is checked once, not at every poll.
+
+    Returns the first equal tuple seen, so that every chunk of a group shares
+    one tuple of names (8 B a buffered value less). Raises ValueError as
+    `check_tag_names` does (a refused list is not remembered). Thread-safe
+    (single dict operations); forgets everything past `_KNOWN_TAGS_MAX` lists.
+    """
+    known = _KNOWN_TAGS.get(tags)
+    if known is not None:
+        return known
+    check_tag_names(tags)
+    if len(_KNOWN_TAGS) >= _KNOWN_TAGS_MAX:
+        _KNOWN_TAGS.clear()
+    return _KNOWN_TAGS.setdefault(tags, tags)
+
+
 def _tag_problem(tag: str) -> str:
     """Why `tag` is refused (empty if it is not)."""
     if not tag:
@@ -164,13 +185,15 @@ class Chunk(Sequence[TagValue]):
 
     A chunk is also a `Sequence[TagValue]`: indexing, iteration and slicing
     give rows (made on demand), so code that wants rows needs no change. The
-    columns are lists of equal length; nobody changes them once the chunk is built.
+    columns are sequences of equal length (lists, or tuples: a group's tag
+    names are one tuple shared by every poll of the group, see
+    `known_tag_names`); nobody changes them once the chunk is built.
     """
 
     __slots__ = ("qualities", "stamps", "tags", "values")
 
     def __init__(
-        self, tags: list[str], stamps: list[int], values: list[float | None], qualities: list[int],
+        self, tags: Sequence[str], stamps: Sequence[int], values: Sequence[float | None], qualities: Sequence[int],
     ) -> None:
         self.tags = tags
         self.stamps = stamps
@@ -207,6 +230,10 @@ class Chunk(Sequence[TagValue]):
     def __len__(self) -> int:
         return len(self.tags)
 
+    @property
+    def columns(self) -> tuple[Sequence[str], Sequence[int], Sequence[float | None], Sequence[int]]:
+        return self.tags, self.stamps, self.values, self.qualities
+
     @overload
     def __getitem__(self, i: int) -> TagValue: ...
     @overload
@@ -224,13 +251,18 @@ class Chunk(Sequence[TagValue]):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Chunk):
-            return (self.tags == other.tags and self.stamps == other.stamps and self.values == other.values
-                    and self.qualities == other.qualities)
+            return all(list(a) == list(b) for a, b in zip(self.columns, other.columns, strict=True))
         if isinstance(other, (list, tuple)):
             return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]  # mutable lists inside, like a list
+
+    def __add__(self, other: Iterable[TagValue]) -> list[TagValue]:
+        return [*self, *other]  # like a list's `+`
+
+    def __radd__(self, other: Iterable[TagValue]) -> list[TagValue]:
+        return [*other, *self]
 
     def __repr__(self) -> str:
         return f"Chunk({list(self)!r})"
@@ -291,7 +323,7 @@ class PollingData:
         values: list[float | None] = list(self.values.values())
         if not set(map(type, values)) <= _VALUE_TYPES:
             values = list(map(_as_float, self.values.items()))
-        return Chunk(list(self.values), [ts_us] * n, values, [quality] * n)
+        return Chunk(tuple(self.values), [ts_us] * n, values, [quality] * n)
 
     def __len__(self) -> int:
         return len(self.values)

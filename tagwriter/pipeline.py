@@ -31,7 +31,7 @@ from tagwriter.diskqueue import DiskQueue, QueueError
 from tagwriter.errors import ConfigError, FatalError, LoginRefusedError, PipelineStopped, SpoolError, SpoolFullError
 from tagwriter.intake import BadInput, Stoppable
 from tagwriter.metrics import LatencyHistogram, Metrics, MetricsSnapshot, WriterState
-from tagwriter.models import PollingData, TagValue, check_tag_names, checked_rows
+from tagwriter.models import Chunk, PollingData, TagValue, check_tag_names, checked_rows
 from tagwriter.recovery import SpoolDrain
 from tagwriter.settle import SETTLED, Receipt
 from tagwriter.sinks import Sink, create_sink
@@ -289,12 +289,13 @@ class Pipeline:
             self._attached.append(source)
 
     @staticmethod
-    def _rows_of(data: PollingData | Iterable[TagValue]) -> Sequence[TagValue]:
+    def _rows_of(data: PollingData | Iterable[TagValue]) -> Chunk:
         if isinstance(data, PollingData):
-            check_tag_names(data.values.keys())
-            return list(data.rows())
+            chunk = data.chunk()
+            check_tag_names(chunk.tags)
+            return chunk
         # Every field, not just the tag: a value no driver or spool line can take would kill the writer.
-        return checked_rows(data if isinstance(data, list) else list(data))
+        return Chunk.of(checked_rows(data if isinstance(data, (list, Chunk)) else list(data)))
 
     def _enter_intake(self) -> None:
         with self._intake:
@@ -308,7 +309,7 @@ class Pipeline:
             if not self._submitting:
                 self._intake.notify_all()
 
-    def _spill(self, rows: list[TagValue]) -> None:
+    def _spill(self, rows: Sequence[TagValue]) -> None:
         self._metrics.record_overflow_spilled(len(rows))
         try:
             self._metrics.record_spooled(self._spool.write_rows(rows))
@@ -444,11 +445,11 @@ class Pipeline:
             self.clock.wait(self._stop_wake, remaining)
         return self._writer.join(0.0)
 
-    def _spool_leftovers(self, inflight: list[TagValue]) -> bool:
-        rows = list(inflight)
+    def _spool_leftovers(self, inflight: Sequence[TagValue]) -> bool:
+        chunks = [Chunk.of(inflight)]
         while len(self._buffer):
-            rows.extend(self._buffer.drain(len(self._buffer) or 1).rows)
-        return self._spool_rows_if_any(rows)
+            chunks.append(Chunk.of(self._buffer.drain(len(self._buffer) or 1).rows))
+        return self._spool_rows_if_any(Chunk.join(chunks))
 
     def _spool_rows_if_any(self, rows: Sequence[TagValue]) -> bool:
         return not rows or self._spool_rows(rows, "cannot spool at shutdown")

@@ -1,7 +1,8 @@
 """How the durable queue keeps values: one record (a *chunk*) per submit, and a look at a torn WAL.
 
 A chunk holds the rows of one submit column by column, so that encoding and
-decoding are a few C-level passes, not one object per field:
+decoding are a few C-level passes, not one object per field, and it decodes
+into a `models.Chunk`, the columns the buffer and the sinks take as they are:
 
     u32 tag bytes | u32 null count | tags (UTF-8, joined by "\\n") |
     ts  (n x int64) | value (n x float64) | quality (n x int64) | null positions (u32 each)
@@ -28,14 +29,12 @@ import zlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
+from typing import Any, cast
 
-from tagwriter.models import TagValue
+from tagwriter.models import Chunk, TagValue
 
 _HEAD = struct.Struct("<II")
-#: A TagValue from a 4-tuple without a Python frame per row (`TagValue._make` has one): ~1.5x faster decoding.
-_new_row = partial(tuple.__new__, TagValue)
 _CRC_SEED = struct.Struct("<qq")
 _LITTLE = sys.byteorder == "little"
 
@@ -46,19 +45,19 @@ class ChunkError(ValueError):
 
 def encode_chunk(rows: Sequence[TagValue]) -> bytes:
     """The record of `rows` (see the module docstring)."""
-    tags, stamps, values, qualities = zip(*rows, strict=True)
-    nulls = [i for i, v in enumerate(values) if v is None]
-    if nulls:
-        values = tuple(0.0 if v is None else v for v in values)
+    chunk = Chunk.of(rows)
+    tags, stamps, values, qualities = chunk.tags, chunk.stamps, chunk.values, chunk.qualities
+    nulls = [i for i, v in enumerate(values) if v is None] if None in values else []
+    floats = [0.0 if v is None else v for v in values] if nulls else cast("list[float]", values)
     text = "\n".join(tags).encode("utf-8")
-    parts = [array("q", stamps), array("d", values), array("q", qualities), array("I", nulls)]
+    parts: list[array[Any]] = [array("q", stamps), array("d", floats), array("q", qualities), array("I", nulls)]
     if not _LITTLE:
         for part in parts:
             part.byteswap()
     return b"".join((_HEAD.pack(len(text), len(nulls)), text, *(p.tobytes() for p in parts)))
 
 
-def decode_chunk(data: bytes, n: int) -> list[TagValue]:
+def decode_chunk(data: bytes, n: int) -> Chunk:
     """The rows of a record of `n` values; ChunkError if its layout does not add up."""
     try:
         text_len, null_count = _HEAD.unpack_from(data)
@@ -82,7 +81,7 @@ def decode_chunk(data: bytes, n: int) -> list[TagValue]:
         if i >= n:
             raise ChunkError(f"null position {i} outside {n} values")
         out_values[i] = None
-    return list(map(_new_row, zip(tags, stamps.tolist(), out_values, qualities.tolist(), strict=True)))
+    return Chunk(tags, stamps.tolist(), out_values, qualities.tolist())
 
 
 def chunk_crc(seq: int, n: int, data: bytes) -> int:

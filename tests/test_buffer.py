@@ -526,3 +526,39 @@ def test_threads_block_loses_nothing_with_a_live_drainer() -> None:
     assert dropped == 0 and buf.overflowed == 0
     assert len(drained) == 3 * 300 * 10
     assert per_producer_in_order(drained)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_drains_cut_chunks_anywhere_and_keep_order_positions_and_marks(seed: int) -> None:
+    """Groups stay whole chunks in the buffer; a drain (or an eviction) may end inside one: what comes out,
+    batch after batch, is exactly what went in, with contiguous positions and one mark per group piece."""
+    import random
+
+    rng = random.Random(seed)  # groups of at most 25 in a buffer of 60: a group never overflows by itself
+    clock = ManualClock()
+    buf = RingBuffer(60, "drop-oldest" if seed % 2 else "spill", clock=clock)
+    sent: list[TagValue] = []
+    out: list[TagValue] = []  # drained, evicted or spilled, in position order
+    next_pos = 0
+    for step in range(200):
+        if rng.random() < 0.55:
+            group = rows(len(sent), rng.randint(1, 25), tag=f"g{step}")
+            sent.extend(group)
+            clock.advance(0.001)
+            result = buf.put_many(group)
+            if result.popped[1] > result.popped[0]:  # evicted from the front: those positions come next
+                assert result.popped[0] == next_pos
+                evicted = result.evicted if result.evicted else sent[next_pos:result.popped[1]]
+                out.extend(evicted)
+                next_pos = result.popped[1]
+            assert result.end == next_pos + len(buf)
+        else:
+            batch = buf.drain(rng.randint(1, 40))
+            if not batch.rows:
+                continue
+            assert batch.start == next_pos and batch.end == next_pos + len(batch)
+            assert sum(count for _, count in batch.marks) == len(batch)
+            out.extend(batch.rows)
+            next_pos = batch.end
+    out.extend(contents(buf))
+    assert out == sent

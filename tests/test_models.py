@@ -13,10 +13,13 @@ import pytest
 from tagwriter.buffer import RingBuffer
 from tagwriter.models import (
     GOOD_QUALITY,
+    Chunk,
     PollingData,
     TagValue,
+    checked_rows,
     format_ts,
     from_epoch_us,
+    known_tag_names,
     parse_ts,
     to_epoch_us,
 )
@@ -157,7 +160,7 @@ def test_parse_ts_rejects_bad_input(bad: str) -> None:
 
 # -- memory per buffered value -----------------------------------------------
 
-BUDGET_BYTES_PER_VALUE = 130  # issue 2: <= 13 MB per 100,000 buffered values
+BUDGET_BYTES_PER_VALUE = 80  # issue 17 (issue 2 asked <= 130)
 
 
 def test_memory_per_buffered_value_is_under_budget() -> None:
@@ -175,7 +178,7 @@ def test_memory_per_buffered_value_is_under_budget() -> None:
         before = tracemalloc.get_traced_memory()[0]
         for g in range(n_groups):
             pd = PollingData("g", 1_700_000_000.0 + g * 0.5, {t: g + i / 7.0 for i, t in enumerate(tags)})
-            buf.put_many(list(pd.rows()))
+            buf.put_many(pd.chunk())  # as Pipeline.submit puts a group
             del pd
         gc.collect()
         used = tracemalloc.get_traced_memory()[0] - before
@@ -184,5 +187,92 @@ def test_memory_per_buffered_value_is_under_budget() -> None:
     assert len(buf) == n_groups * per_group
     per_value = used / len(buf)
     assert per_value <= BUDGET_BYTES_PER_VALUE, f"{per_value:.1f} B per buffered value"
-    # the measurement really saw the rows: a TagValue tuple plus its float is > 50 B
-    assert per_value > 50, f"{per_value:.1f} B per value: the measurement missed the rows"
+    # the measurement really saw the values: four list slots (32 B) and a float (24 B) each
+    assert per_value > 50, f"{per_value:.1f} B per value: the measurement missed the values"
+
+
+# -- Chunk: rows column by column ----------------------------------------------
+
+
+def _rows(n: int, start: int = 0) -> list[TagValue]:
+    return [TagValue(f"t{i}", 1_700_000_000_000_000 + (i // 3), None if i % 5 == 0 else i / 4, 192 - i % 2)
+            for i in range(start, start + n)]
+
+
+def test_chunk_is_a_sequence_of_the_rows_it_was_made_of() -> None:
+    rows = _rows(10)
+    chunk = Chunk.of(rows)
+    assert len(chunk) == 10
+    assert list(chunk) == rows and chunk == rows and rows == chunk
+    assert chunk[3] == rows[3] and type(chunk[3]) is TagValue and chunk[-1] == rows[-1]
+    assert chunk[2:7] == rows[2:7] and isinstance(chunk[2:7], Chunk)
+    assert chunk != rows[:9] and chunk != [*rows[:9], rows[0]]
+    assert list(reversed(chunk)) == rows[::-1]
+    assert chunk + rows[:2] == [*rows, *rows[:2]] and rows[:2] + chunk == [*rows[:2], *rows]
+    assert Chunk.of(chunk) is chunk and Chunk.of([]) == [] and not Chunk.of([])
+
+
+def test_chunk_join_keeps_the_order_and_returns_a_lone_chunk_as_it_is() -> None:
+    parts = [Chunk.of(_rows(4)), Chunk.of(_rows(0)), Chunk.of(_rows(3, 4))]
+    assert Chunk.join(parts) == _rows(7)
+    assert Chunk.join(parts[:1]) is parts[0]
+
+
+def test_chunk_params_format_each_distinct_stamp_once() -> None:
+    calls: list[int] = []
+
+    def fmt(ts_us: int) -> str:
+        calls.append(ts_us)
+        return f"ts{ts_us}"
+
+    rows = _rows(9)  # three distinct stamps
+    assert list(Chunk.of(rows).params(fmt)) == [(r.tag, f"ts{r.ts_us}", r.value, r.quality) for r in rows]
+    assert sorted(calls) == sorted({r.ts_us for r in rows})
+    calls.clear()
+    group = PollingData("g", 1_700_000_000.5, {f"t{i}": i for i in range(50)}).chunk()
+    assert len(list(group.params(fmt))) == 50 and len(calls) == 1
+
+
+def test_pollingdata_chunk_is_its_rows_with_one_timestamp_and_quality() -> None:
+    pd = PollingData("g", 1_700_000_000.25, {"a": 1, "b": None, "c": 2.5, "d": True}, 3)
+    chunk = pd.chunk()
+    assert chunk == list(pd.rows())
+    assert [type(v) for v in chunk.values] == [float, type(None), float, float]
+    assert len({id(s) for s in chunk.stamps}) == 1  # one shared timestamp object
+
+
+@pytest.mark.parametrize("bad", [
+    PollingData("g", float("nan"), {"a": 1.0}),
+    PollingData("g", 1.0, {"a": 1.0}, quality=2**63),
+    PollingData("g", 1.0, {"a": 10**400}),
+])
+def test_pollingdata_chunk_refuses_what_rows_refuses(bad: PollingData) -> None:
+    with pytest.raises(ValueError) as from_rows:
+        list(bad.rows())
+    with pytest.raises(ValueError) as from_chunk:
+        bad.chunk()
+    assert str(from_chunk.value) == str(from_rows.value)
+
+
+def test_checked_rows_of_a_chunk_checks_its_columns() -> None:
+    chunk = Chunk.of(_rows(5))
+    assert checked_rows(chunk) is chunk
+    with_int = Chunk(["a", "b"], [1, 2], [1.0, 7], [192, 192])
+    fixed = checked_rows(with_int)
+    assert isinstance(fixed, Chunk) and fixed.values == [1.0, 7.0] and type(fixed.values[1]) is float
+    with pytest.raises(ValueError, match="not text"):
+        checked_rows(Chunk(["a", 5], [1, 2], [1.0, 2.0], [192, 192]))  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="ts_us"):
+        checked_rows(Chunk(["a"], [1.5], [1.0], [192]))  # type: ignore[list-item]
+
+
+def test_known_tag_names_checks_a_list_once_and_shares_one_tuple() -> None:
+    first = tuple(f"known.{i}" for i in range(5))
+    again = tuple(f"known.{i}" for i in range(5))  # equal, another object
+    assert first is not again
+    assert known_tag_names(first) is first
+    assert known_tag_names(again) is first
+    bad = ("known.ok", "known\nbad")
+    for _ in range(2):  # a refused list is refused every time, never remembered as good
+        with pytest.raises(ValueError, match="line break"):
+            known_tag_names(bad)

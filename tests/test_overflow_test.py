@@ -60,7 +60,7 @@ class NewestFirstBuffer(RingBuffer):
     """Deliberately wrong: when full it loses the newest values (the incoming ones) instead of the oldest."""
 
     def _put_evicting(self, rows: Sequence[TagValue], t_submit: float) -> PutResult:
-        excess = len(self._rows) + len(rows) - self.capacity
+        excess = len(self) + len(rows) - self.capacity
         if excess <= 0:
             return super()._put_evicting(rows, t_submit)
         keep, lost = rows[: len(rows) - excess], list(rows[len(rows) - excess:])

@@ -21,7 +21,7 @@ from typing import Any
 from tagwriter.checks import verify_table
 from tagwriter.config import DatabaseConfig, parse_url
 from tagwriter.errors import ConfigError, FatalError, RowError, SinkError, TransientError
-from tagwriter.models import TagValue, format_ts
+from tagwriter.models import Chunk, TagValue, format_ts
 from tagwriter.sinks.base import ColumnInfo, ColumnRule, TableInfo, TableSpec, WriteResult, table_differences
 
 log = logging.getLogger(__name__)
@@ -152,12 +152,12 @@ class SqliteSink:
         self.open()
         conn = self._conn
         assert conn is not None
-        params = _params(rows)
+        chunk = Chunk.of(rows)
         try:
             conn.execute("BEGIN")
             before = conn.total_changes
             try:
-                conn.executemany(self._insert, params)
+                conn.executemany(self._insert, chunk.params(format_ts))  # one text timestamp per distinct ts
                 written = conn.total_changes - before
                 result = WriteResult(written, len(rows) - written)
             except sqlite3.IntegrityError:
@@ -165,7 +165,7 @@ class SqliteSink:
                 # transaction; a failed statement only undoes itself.
                 conn.execute("ROLLBACK")
                 conn.execute("BEGIN")
-                result = self._write_rows(conn, params)
+                result = self._write_rows(conn, list(chunk.params(format_ts)))
             conn.execute("COMMIT")
             return result
         except sqlite3.Error as exc:
@@ -314,15 +314,3 @@ def _affinity(declared: str) -> str:
     if "REAL" in t or "FLOA" in t or "DOUB" in t:
         return "REAL"
     return "NUMERIC"
-
-
-def _params(rows: Sequence[TagValue]) -> list[tuple[object, ...]]:
-    """Bind tuples; one timestamp string per distinct ts (a group shares one)."""
-    out: list[tuple[object, ...]] = []
-    last_us: int | None = None
-    last_text = ""
-    for tag, ts_us, value, quality in rows:
-        if ts_us != last_us:
-            last_us, last_text = ts_us, format_ts(ts_us)
-        out.append((tag, last_text, value, quality))
-    return out
