@@ -63,7 +63,7 @@ class Batch:
         return self.marks[0][0] if self.marks else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~4x more, on every submit
 class PutResult:
     """What happened to the rows of one `put_many`.
 
@@ -152,6 +152,11 @@ class RingBuffer:
         self._mutex = threading.Lock()
         self._not_empty = threading.Condition(self._mutex)
         self._not_full = threading.Condition(self._mutex)
+        # Who waits, so that a put or a drain wakes nobody when nobody waits or needs waking (Condition.notify
+        # costs a Python call even then): the writer (and the batch size that ends its wait), room waiters.
+        self._writer_waits = False
+        self._due_size = 1
+        self._room_waiters = 0
         self._wake = False
         self._closed = False
         self.waiting = 0  # rows of puts blocked for room: submitted, not yet in the buffer
@@ -186,7 +191,7 @@ class RingBuffer:
                 result = self._put_blocking(chunk, t_submit)
             else:
                 result = self._put_evicting(chunk, t_submit)
-            self._not_empty.notify()
+            self._wake_writer(len(chunk))
         if result.dropped or result.evicted:
             self._warn_overflow(result.dropped + len(result.evicted))
         return result
@@ -228,7 +233,7 @@ class RingBuffer:
                     accepted += len(take)
                     if waited:
                         self.waiting -= len(take)
-                    self._not_empty.notify()
+                    self._wake_writer(len(take))
                     continue
                 remaining = deadline - self._clock.monotonic()
                 if remaining <= 0.0 or self._closed:
@@ -236,7 +241,7 @@ class RingBuffer:
                 if not waited:
                     waited = True
                     self.waiting += len(rows) - accepted
-                self._not_full.wait(remaining)
+                self._wait_room(remaining)
         finally:
             if waited:
                 self.waiting -= len(rows) - accepted
@@ -248,6 +253,23 @@ class RingBuffer:
         dropped = len(rows) - accepted
         self.overflowed += dropped
         return PutResult(accepted, dropped, end=end)
+
+    def _wake_writer(self, added: int) -> None:
+        """After `added` rows went in (under the mutex): wake a waiting writer if its batch just became due
+        by size, or the buffer was empty (it then waits without a deadline)."""
+        if self._writer_waits and (self._len >= self._due_size or self._len == added):
+            self._not_empty.notify()
+
+    def _wait_room(self, timeout: float) -> None:
+        self._room_waiters += 1
+        try:
+            self._not_full.wait(timeout)
+        finally:
+            self._room_waiters -= 1
+
+    def _room_made(self) -> None:
+        if self._room_waiters:
+            self._not_full.notify_all()
 
     def _append(self, rows: Chunk, t_submit: float) -> None:
         if not rows:
@@ -320,7 +342,7 @@ class RingBuffer:
                 remaining = deadline - clock.monotonic()
                 if remaining <= 0.0:
                     return False
-                self._not_full.wait(remaining)
+                self._wait_room(remaining)
             return True
 
     # -- the writer --------------------------------------------------------
@@ -341,7 +363,11 @@ class RingBuffer:
                 wait = min(self._due_in(batch_size, max_age, now), deadline - now)
                 if wait <= 0.0:
                     return self._len
-                self._not_empty.wait(None if wait == math.inf else wait)
+                self._writer_waits, self._due_size = True, batch_size
+                try:
+                    self._not_empty.wait(None if wait == math.inf else wait)
+                finally:
+                    self._writer_waits = False
 
     def batch_due(self, batch_size: int, max_age: float) -> bool:
         """The batch rule: `batch_size` rows are pending, or the oldest has waited `max_age` seconds."""
@@ -371,7 +397,7 @@ class RingBuffer:
             start = self._head
             marks: list[tuple[float, int]] = []
             batch = Batch(self._pop_front(n, marks), marks, start)
-            self._not_full.notify_all()
+            self._room_made()
             return batch
 
     def evict(self, n: int) -> tuple[Chunk, int]:
@@ -380,7 +406,7 @@ class RingBuffer:
             first = self._head
             taken = self._pop_front(min(n, self._len))
             if taken:
-                self._not_full.notify_all()
+                self._room_made()
             return taken, first
 
     def release(self, start: int, end: int) -> None:

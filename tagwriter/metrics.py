@@ -11,7 +11,7 @@ import bisect
 import math
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -72,6 +72,19 @@ class LatencyHistogram:
         if seconds > self.max:
             self.max = seconds
 
+    def add_many(self, pairs: Iterable[tuple[float, int]]) -> None:
+        """`add(seconds, weight)` for each pair, in one call (a batch's groups: one pair each)."""
+        counts, bounds, where = self.counts, LATENCY_BOUNDS, bisect.bisect_left
+        total, total_s, top = self.total, self.sum, self.max
+        for seconds, weight in pairs:
+            seconds = max(0.0, seconds)
+            counts[where(bounds, seconds)] += weight
+            total += weight
+            total_s += seconds * weight
+            if seconds > top:
+                top = seconds
+        self.total, self.sum, self.max = total, total_s, top
+
     def merge(self, other: LatencyHistogram) -> None:
         for i, c in enumerate(other.counts):
             if c:
@@ -127,6 +140,15 @@ class WindowHistogram:
             self.slots.append((key, LatencyHistogram()))
         self.slots[-1][1].add(seconds, weight)
         self.total.add(seconds, weight)
+
+    def add_many(self, now: float, pairs: Sequence[tuple[float, int]]) -> None:
+        """`add(now, seconds, weight)` for each `(seconds, weight)` pair, in one call."""
+        key = int(now // self.SLOT)
+        if not self.slots or self.slots[-1][0] != key:
+            self._expire(now)
+            self.slots.append((key, LatencyHistogram()))
+        self.slots[-1][1].add_many(pairs)
+        self.total.add_many(pairs)
 
     def _expire(self, now: float) -> None:
         oldest = int((now - self.window) // self.SLOT)
@@ -424,9 +446,9 @@ class Metrics:
             self.write_durations.add(write_seconds)
             # Counted from when its write began: batches form on the stream's beat, write times vary.
             self._out.add(now - write_seconds, written + duplicates + quarantined)
-            for t_submit, count in marks:
-                self.latency.add(now - t_submit, count)
-                self._latency_window.add(now, now - t_submit, count)
+            waited = [(now - t_submit, count) for t_submit, count in marks]
+            self.latency.add_many(waited)
+            self._latency_window.add_many(now, waited)
 
     def record_failure(self, error: str, *, retry: bool) -> None:
         error = redact(error)  # last_error leaves the process (endpoint, panel, reports)

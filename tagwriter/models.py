@@ -320,8 +320,9 @@ class PollingData:
         if quality not in QUALITY_RANGE:
             raise ValueError(f"quality {short_repr(quality)} is not a 64-bit integer")
         n = len(self.values)
-        values: list[float | None] = list(self.values.values())
-        if not set(map(type, values)) <= _VALUE_TYPES:
+        try:  # float() of a float is that float: one C-level pass, and ints become floats as rows() makes them
+            values: list[float | None] = [*map(float, self.values.values())]  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):  # a None among them, or a value that is no number
             values = list(map(_as_float, self.values.items()))
         return Chunk(tuple(self.values), [ts_us] * n, values, [quality] * n)
 

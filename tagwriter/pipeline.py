@@ -123,7 +123,8 @@ class Pipeline:
             self._writer.background = self._drain
             self._writer.on_recovered = self._drain.trigger
         # Guards `_accepting` and `_submitting`; never held across I/O or a wait for room.
-        self._intake = threading.Condition(threading.Lock())
+        self._intake_lock = threading.Lock()  # (taken bare on the submit path: a Condition's `with` costs more)
+        self._intake = threading.Condition(self._intake_lock)
         self._submitting = 0  # submits between their accepting check and their last spool write
         self._stop_lock = threading.RLock()
         self._hurry = threading.Event()
@@ -298,15 +299,15 @@ class Pipeline:
         return Chunk.of(checked_rows(data if isinstance(data, (list, Chunk)) else list(data)))
 
     def _enter_intake(self) -> None:
-        with self._intake:
+        with self._intake_lock:
             if not self._accepting:
                 raise PipelineStopped("the pipeline is stopped; the values were not taken")
             self._submitting += 1
 
     def _leave_intake(self) -> None:
-        with self._intake:
+        with self._intake_lock:
             self._submitting -= 1
-            if not self._submitting:
+            if not self._submitting and not self._accepting:  # only `_wait_submits` waits, after intake ended
                 self._intake.notify_all()
 
     def _spill(self, rows: Sequence[TagValue]) -> None:

@@ -203,7 +203,7 @@ class Writer:
                     break
                 # wait_ready also returns on wake() and when background work or housekeeping is due.
                 urgent = urgent or self._urgent()
-                if n and (urgent or self.buffer.batch_due(batch_size, max_age)):
+                if n and (urgent or n >= batch_size or self.buffer.batch_due(batch_size, max_age)):
                     self._write_next()
                     continue
                 if n == 0 and self._stopping.is_set():
@@ -248,7 +248,8 @@ class Writer:
                 self._inflight = batch
         self._deliver(batch)
         with self._idle:
-            self._idle.notify_all()
+            if self._flushers:  # (counted under `_idle`: only a flush waits here)
+                self._idle.notify_all()
 
     def _idle_wait(self) -> float:
         """Park until the next background step or housekeeping is due, whichever is sooner."""

@@ -13,6 +13,7 @@ from tagwriter.metrics import (
     LatencyHistogram,
     Metrics,
     MetricsSnapshot,
+    WindowHistogram,
     WriterState,
 )
 
@@ -297,3 +298,24 @@ def test_waiting_rows_are_pending_and_fatal_errors_stay_counted() -> None:
     assert m.snapshot().state == "failed" and m.snapshot().fatal_errors == 1
     m.set_state(WriterState.WRITING, "")  # a recovery does not reset the count
     assert m.snapshot().fatal_errors == 1 and m.last_fatal_error == "no such column"
+
+
+def test_add_many_is_add_for_each_pair() -> None:
+    """A batch's groups go into the histograms in one call: the same counts, sum, max and window as one by one."""
+    import random
+
+    rng = random.Random(7)
+    pairs = [(rng.choice([-0.5, 0.0, 1e-5, 0.3, 2.0, 700.0]) * rng.random(), rng.randint(1, 500)) for _ in range(300)]
+    one, many = LatencyHistogram(), LatencyHistogram()
+    w_one, w_many = WindowHistogram(300.0), WindowHistogram(300.0)
+    for k in range(0, 300, 30):
+        now = 1000.0 + k * 0.7
+        for seconds, weight in pairs[k:k + 30]:
+            one.add(seconds, weight)
+            w_one.add(now, seconds, weight)
+        many.add_many(pairs[k:k + 30])
+        w_many.add_many(now, pairs[k:k + 30])
+    assert (many.counts, many.total, many.max) == (one.counts, one.total, one.max)
+    assert many.sum == pytest.approx(one.sum)
+    a, b = w_one.histogram(1300.0), w_many.histogram(1300.0)
+    assert (a.counts, a.total, a.max) == (b.counts, b.total, b.max) and a.total > 0
