@@ -33,8 +33,9 @@ data, the batch is written again the conventional way so that row errors are
 reported per row. See README "Oracle" for when it helps and its limits.
 
 Modules: `errors` (codes, classification, hints), `pool` (the bounded
-`ConnectionPool`), `sink` (`OracleSink`), `schema` (the data dictionary and
-the type rules), `binds` (datetimes in and out).
+`ConnectionPool`), `worker` (`CallWorker`, the thread for connects), `sink`
+(`OracleSink`), `schema` (the data dictionary and the type rules), `binds`
+(datetimes in and out).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from tagwriter.sinks.oracle.binds import bind_rows, naive_utc, to_us
 from tagwriter.sinks.oracle.errors import classify, error_code, error_text, hint_for
 from tagwriter.sinks.oracle.pool import ConnectionPool
 from tagwriter.sinks.oracle.sink import OracleSink
+from tagwriter.sinks.oracle.worker import CallWorker
 
-__all__ = ["ConnectionPool", "OracleSink", "bind_rows", "classify", "error_code", "error_text", "hint_for",
-           "naive_utc", "to_us"]
+__all__ = ["CallWorker", "ConnectionPool", "OracleSink", "bind_rows", "classify", "error_code", "error_text",
+           "hint_for", "naive_utc", "to_us"]
