@@ -372,8 +372,9 @@ class NoopDriver:
     `executemany` checks only what the real driver requires of the bind rows
     (a list of sequences: DPY-2004 otherwise) and counts them; `commit` makes
     them count as stored (`rows`). `thread_names` holds the names of the
-    threads that called `executemany`. Not thread-safe beyond what the sink
-    needs (one writer thread).
+    threads that called `executemany`, `connect_thread_names` of those that
+    called `connect`. Not thread-safe beyond what the sink needs (one writer
+    thread).
     """
 
     DB_TYPE_TIMESTAMP = oracledb.DB_TYPE_TIMESTAMP
@@ -384,12 +385,14 @@ class NoopDriver:
         self.rows = 0
         self.connects = 0
         self.thread_names: set[str] = set()
+        self.connect_thread_names: set[str] = set()
 
     def is_thin_mode(self) -> bool:
         return True
 
     def connect(self, **params: Any) -> NoopConnection:
         self.connects += 1
+        self.connect_thread_names.add(threading.current_thread().name)
         return NoopConnection(self)
 
 
