@@ -22,7 +22,10 @@ same pipeline twice per round, in alternating order:
 
 Target: oracle / null >= 0.9 (medians of the rounds). The machine is shared
 and has 2 cores: read the ratio, and the median of each round's own ratio,
-not the absolute rates.
+not the absolute rates. Also shown: the process CPU time per value of each
+pass (`time.process_time`, this process's threads only), which other load
+on the machine disturbs less than the wall clock; their ratio null / oracle
+is what the throughput ratio would be with the GIL as the only limit.
 
 To measure another checkout's sink with this same script (e.g. "before"),
 run it with that checkout first on the path:
@@ -136,17 +139,20 @@ def run(polls: list[Poll], work: Path, sink: Sink, stored: Callable[[], int]) ->
     producer = threading.Thread(target=produce, name="producer")
     gc.collect()
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     producer.start()
     producer.join()
     if not p.flush(600.0):
         raise RuntimeError("flush did not finish")
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     snap = p.snapshot()
     p.stop()
     n = sum(len(v) for _, _, v in polls)
     if not (snap.written == n == stored()) or snap.dropped or snap.spooled:
         raise RuntimeError(f"values lost: {snap}")
-    return {"rate": n / elapsed, "seconds": elapsed, "avg_batch": snap.avg_batch_size_5m}
+    return {"rate": n / elapsed, "seconds": elapsed, "cpu_us_per_value": cpu / n * 1e6,
+            "avg_batch": snap.avg_batch_size_5m}
 
 
 def run_null(polls: list[Poll], work: Path) -> dict[str, Any]:
@@ -185,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, fn, out in order:
                 result = fn(polls, work)
                 out.append(result)
-                print(f"round {r + 1}: {name:6s} {result['rate']:>10,.0f} values/s ({result['seconds']:.2f} s)",
-                      flush=True)
+                print(f"round {r + 1}: {name:6s} {result['rate']:>10,.0f} values/s ({result['seconds']:.2f} s, "
+                      f"{result['cpu_us_per_value']:.3f} us CPU a value)", flush=True)
 
     null_rates = [r["rate"] for r in null]
     oracle_rates = [r["rate"] for r in oracle]
@@ -196,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     per_round = [o / z for o, z in zip(oracle_rates, null_rates, strict=True)]
     ok = ratio >= TARGET_RATIO
     threads = sorted({name for r in oracle for name in r["threads"]})
+    null_cpu = statistics.median(r["cpu_us_per_value"] for r in null)
+    oracle_cpu = statistics.median(r["cpu_us_per_value"] for r in oracle)
     print(f"\nbench_oracle: {n:,} values per pass, {args.rounds} alternating rounds, batch {BATCH}, "
           f"tagwriter from {Path(tagwriter.__file__).parent}")
     print(f"  null sink   (median) {null_med:>10,.0f} values/s   min-max {spread(null_rates)}")
@@ -205,11 +213,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{'ok' if ok else 'BELOW TARGET'}")
     print(f"  per-round ratios     median {statistics.median(per_round):.2f}, "
           f"min-max {min(per_round):.2f}-{max(per_round):.2f}")
+    print(f"  CPU per value (median) null {null_cpu:.3f} us, oracle {oracle_cpu:.3f} us: "
+          f"null / oracle {null_cpu / oracle_cpu:.2f}")
     print(f"  threads that called executemany: {', '.join(threads)}")
     report = {
         "values_per_pass": n, "rounds": args.rounds, "batch_size": BATCH,
         "null_rates": null_rates, "oracle_rates": oracle_rates,
         "null_median": null_med, "oracle_median": oracle_med, "ratio": ratio, "round_ratios": per_round,
+        "null_cpu_us_per_value": null_cpu, "oracle_cpu_us_per_value": oracle_cpu,
+        "cpu_ratio": null_cpu / oracle_cpu,
         "executemany_threads": threads, "target_ratio": TARGET_RATIO, "met": ok,
     }
     if args.json:
