@@ -361,3 +361,86 @@ class FakeCursor:
 
     def fetchone(self) -> tuple[Any, ...] | None:
         return self.result.pop(0) if self.result else None
+
+
+# -- a driver that does nothing (for the benchmark and the fast-path tests) ----------------
+
+
+class NoopDriver:
+    """A FAKE python-oracledb whose calls do nothing: the sink's own cost, with no server work.
+
+    `executemany` checks only what the real driver requires of the bind rows
+    (a list of sequences: DPY-2004 otherwise) and counts them; `commit` makes
+    them count as stored (`rows`). `thread_names` holds the names of the
+    threads that called `executemany`, `connect_thread_names` of those that
+    called `connect`. Not thread-safe beyond what the sink needs (one writer
+    thread).
+    """
+
+    DB_TYPE_TIMESTAMP = oracledb.DB_TYPE_TIMESTAMP
+    DB_TYPE_BINARY_DOUBLE = oracledb.DB_TYPE_BINARY_DOUBLE
+    Error = oracledb.Error
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.connects = 0
+        self.thread_names: set[str] = set()
+        self.connect_thread_names: set[str] = set()
+
+    def is_thin_mode(self) -> bool:
+        return True
+
+    def connect(self, **params: Any) -> NoopConnection:
+        self.connects += 1
+        self.connect_thread_names.add(threading.current_thread().name)
+        return NoopConnection(self)
+
+
+class NoopConnection:
+    def __init__(self, driver: NoopDriver) -> None:
+        self.driver = driver
+        self.call_timeout = 0
+        self.version = "23.4.0.24.5"
+        self.pending = 0
+
+    def cursor(self) -> NoopCursor:
+        return NoopCursor(self)
+
+    def commit(self) -> None:
+        self.driver.rows += self.pending
+        self.pending = 0
+
+    def rollback(self) -> None:
+        self.pending = 0
+
+    def ping(self) -> None:
+        pass
+
+    def is_healthy(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class NoopCursor:
+    def __init__(self, conn: NoopConnection) -> None:
+        self.conn = conn
+
+    def setinputsizes(self, *sizes: Any) -> None:
+        pass
+
+    def executemany(self, sql: str, rows: Any, *, batcherrors: bool = False) -> None:
+        if not isinstance(rows, list) or (rows and len(rows[0]) != 4):
+            raise dpy(2004)
+        self.conn.driver.thread_names.add(threading.current_thread().name)
+        self.conn.pending += len(rows)
+
+    def getbatcherrors(self) -> list[Any]:
+        return []
+
+    def execute(self, sql: str, params: Sequence[Any] | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,9 +1,11 @@
 """OracleSink against the fake driver (tests/oracle_fake.py): no Oracle server can run here.
 
 Covers batch errors mapped to rows, duplicates, transient vs fatal
-classification, commit on success, the pool's bounds (exhaustion, hanging
-connects, ping on reuse), direct path mode, thick mode, configuration, DDL and
-table inspection, and retry-then-outage through the real Pipeline and Writer.
+classification, commit on success, chunks bound column by column, the pool's
+bounds (exhaustion, hanging connects, ping on reuse), which threads do the
+work (the caller's for calls, one long-lived worker for connects), direct path
+mode, thick mode, configuration, DDL and table inspection, and
+retry-then-outage through the real Pipeline and Writer.
 """
 
 from __future__ import annotations
@@ -18,16 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from oracle_fake import FakeDriver, FakeServer, dpy, lost, ora, refused
+from oracle_fake import FakeDriver, FakeServer, NoopDriver, dpy, lost, ora, refused
 from waits import wait_until
 
 from tagwriter import config as config_mod
 from tagwriter.config import BackupConfig, Config, DatabaseConfig, WriterConfig
 from tagwriter.errors import ConfigError, FatalError, LoginRefusedError, RowError, SinkError, TransientError
-from tagwriter.models import PollingData, TagValue
+from tagwriter.models import Chunk, PollingData, TagValue
 from tagwriter.pipeline import Pipeline
 from tagwriter.sinks.base import ColumnInfo, TableInfo
-from tagwriter.sinks.oracle import OracleSink, naive_utc
+from tagwriter.sinks.oracle import OracleSink, binds, naive_utc
 
 PASSWORD = "tiger-secret-pw"
 T0 = 1_700_000_000_123_456  # epoch microseconds, with a fractional part
@@ -105,6 +107,54 @@ def test_nan_and_null_values_round_trip() -> None:
     by_tag = {r[0]: r for r in server.stored()}
     assert math.isnan(by_tag["nan"][2])
     assert by_tag["null"][2] is None and by_tag["null"][3] == 0
+
+
+def group_chunk(*stamps: int, tags: int = 3) -> Chunk:
+    """One polling group of `tags` values per stamp, joined as the buffer joins them."""
+    return Chunk.join([PollingData(f"g{k}", ts / 1e6, {f"g{k}.t{i}": float(10 * k + i) for i in range(tags)}).chunk()
+                       for k, ts in enumerate(stamps)])
+
+
+def test_a_chunk_converts_each_distinct_stamp_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    sink, server, _ = make_sink()
+    converted: list[int] = []
+
+    def counting(ts_us: int) -> datetime:
+        converted.append(ts_us)
+        return naive_utc(ts_us)
+
+    monkeypatch.setattr(binds, "naive_utc", counting)
+    chunk = group_chunk(T0, T0 + 1, T0, tags=4)  # three groups, two distinct stamps, one repeated later
+    result = sink.write_batch(chunk)
+    assert (result.written, result.duplicates, result.rejected) == (12, 0, [])
+    assert sorted(converted) == [T0, T0 + 1]
+    stored = {r[0]: r for r in server.stored()}
+    assert stored["g1.t3"][1:] == (naive_utc(T0 + 1), 13.0, 192)
+    assert stored["g2.t0"][1] == naive_utc(T0) and stored["g2.t0"][1].microsecond == 123_456
+    converted.clear()
+    assert sink.write_batch(rows(3, start=T0 + 10)).written == 3  # a list of TagValue still works
+    assert converted == [T0 + 10, T0 + 11, T0 + 12]
+
+
+def test_a_chunk_keeps_row_errors_at_their_offsets_and_counts_duplicates() -> None:
+    sink, server, _ = make_sink()
+    sink.write_batch([TagValue("stored", T0, 1.0)])
+    chunk = Chunk.of([TagValue("ok1", T0, 1.0), TagValue("x" * 129, T0 + 1, 2.0), TagValue("stored", T0, 3.0),
+                      TagValue("ok2", T0 + 1, 4.0), TagValue("ok1", T0, 5.0)])
+    result = sink.write_batch(chunk)
+    assert (result.written, result.duplicates) == (2, 2)
+    assert [(e.index, e.code) for e in result.rejected] == [(1, "ORA-12899")]
+    assert {r[0] for r in server.stored()} == {"stored", "ok1", "ok2"}
+
+
+def test_direct_path_takes_a_chunk() -> None:
+    sink, server, _ = make_sink(insert_mode="direct_path")
+    sink.write_batch(Chunk.of([TagValue("stored", T0, 1.0)]))
+    result = sink.write_batch(Chunk.of([TagValue("stored", T0, 9.0), TagValue("a", T0, 1.0),
+                                        TagValue("z" * 130, T0, 2.0)]))
+    assert (result.written, result.duplicates) == (1, 1)
+    assert [(e.index, e.code) for e in result.rejected] == [(2, "ORA-12899")]
+    assert [r[0] for r in server.stored()] == ["a", "stored"]
 
 
 # -- classification ------------------------------------------------------------------
@@ -282,6 +332,118 @@ def test_close_is_bounded_even_with_parked_connects() -> None:
     # a connect that answers after close is closed, not leaked
     wait_until(lambda: all(c.closed for c in server.connections) and len(server.connections) == 1,
                "the late connect to be closed", 5.0)
+
+
+# -- threads: calls on the caller's, connects on one long-lived worker -------------------
+
+
+def count_thread_starts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the threads started from now on (threading.Thread.start patched)."""
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def counting(self: threading.Thread) -> None:
+        started.append(self.name)
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counting)
+    return started
+
+
+def test_write_batch_starts_no_thread_and_runs_on_the_callers_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    driver = NoopDriver()
+    sink = OracleSink(user="scott", password=PASSWORD, dsn="127.0.0.1:1521/orclpdb", driver=driver,
+                      pool_min=1, pool_max=2)
+    assert sink.write_batch(rows(5)).written == 5  # the first write connects, on the worker
+    assert driver.connect_thread_names == {"tagwriter-oracle-worker"}
+    started = count_thread_starts(monkeypatch)
+    for i in range(100):
+        assert sink.write_batch(group_chunk(T0 + 10 * i, T0 + 10 * i + 1, tags=5)).written == 10
+        assert sink.write_batch(rows(5, start=T0 + 10 * i + 2)).written == 5
+    assert started == []
+    assert driver.thread_names == {threading.current_thread().name}
+    assert driver.rows == 5 + 100 * 15 and driver.connects == 1
+    assert sink._worker.started == 1 and sink._worker.replaced == 0
+    sink.close()
+
+
+def test_connects_reuse_the_worker_and_an_overrun_replaces_it() -> None:
+    sink, server, _ = make_sink(pool_max=3, connect_timeout=0.2, pool_wait_timeout=0.2)
+    assert sink.write_batch(rows(1)).written == 1
+    sink._get_pool().discard_idle()  # the next write must connect again
+    assert sink.write_batch(rows(1, start=T0 + 1)).written == 1
+    worker = sink._worker
+    assert (server.connects, worker.started, worker.replaced) == (2, 1, 0)
+    first = worker.thread
+    server.hang_connects()
+    sink._get_pool().discard_idle()
+    try:
+        started = time.monotonic()
+        with pytest.raises(TransientError) as info:
+            sink.write_batch(rows(1, start=T0 + 2))
+        assert time.monotonic() - started < 0.2 + 0.2 + 3.0
+        assert info.value.code == "DPY-4005" and "connect_timeout" in str(info.value)
+        assert (worker.started, worker.replaced) == (1, 1) and worker.thread is None
+        assert first is not None and first.is_alive()  # parked in the connect that never answered
+    finally:
+        server.release_connects()
+    wait_until(lambda: not first.is_alive(), "the abandoned worker to end after its connect", 5.0)
+    # the late connect joined the pool: the next write needs no connect and no thread
+    wait_until(lambda: sink._get_pool().opened == 1, "the late connect to join the pool", 5.0)
+    assert sink.write_batch(rows(1, start=T0 + 3)).written == 1
+    assert server.connects == 3 and worker.started == 1
+    sink._get_pool().discard_idle()
+    assert sink.write_batch(rows(1, start=T0 + 4)).written == 1  # a fresh worker for the next connect
+    assert worker.started == 2 and worker.thread is not None and worker.thread is not first
+    sink.close()
+
+
+class FirstConnectHangs(FakeDriver):
+    """The first connect waits for `gate` (a silent listener for one caller); later ones answer."""
+
+    def __init__(self, server: FakeServer) -> None:
+        super().__init__(server)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self._first = True
+        self._lock = threading.Lock()
+
+    def connect(self, **params: Any) -> Any:
+        with self._lock:
+            first, self._first = self._first, False
+        if first:
+            self.entered.set()
+            self.gate.wait(30.0)
+        return super().connect(**params)
+
+
+def test_a_connect_while_another_caller_holds_the_worker_does_not_wait_for_it() -> None:
+    server = FakeServer()
+    driver = FirstConnectHangs(server)
+    sink = OracleSink(driver=driver, user="scott", password=PASSWORD, dsn="127.0.0.1:1521/orclpdb",
+                      connect_timeout=3.0, pool_wait_timeout=3.0, call_timeout=1.0, pool_min=1, pool_max=3)
+    errors: list[BaseException] = []
+    prober = threading.Thread(target=lambda: errors.extend(_raised(sink.probe)))
+    prober.start()
+    try:
+        assert driver.entered.wait(5.0)  # the probe's connect holds the worker
+        started = time.monotonic()
+        assert sink.write_batch(rows(2)).written == 2
+        assert time.monotonic() - started < 1.0  # not the probe's connect_timeout of 3 s
+        assert sink._worker.spares == 1
+    finally:
+        driver.gate.set()
+        prober.join(5.0)
+    assert errors == [] and server.connects == 2
+    sink.close()
+
+
+def _raised(fn: Callable[[], object]) -> list[BaseException]:
+    try:
+        fn()
+    except BaseException as exc:
+        return [exc]
+    return []
 
 
 # -- retry then outage through the real pipeline ---------------------------------------

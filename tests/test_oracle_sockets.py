@@ -11,6 +11,7 @@ bound + 3 s).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -184,6 +185,34 @@ def test_a_silent_listener_does_not_wedge_the_pool() -> None:
     error, took = timed(sink.probe)
     assert isinstance(error, TransientError) and error.code == "DPY-6005", error
     assert "no listener" in error.hint and took < CONNECT + SLACK
+    sink.close()
+
+
+def test_a_silent_listener_parks_at_most_pool_max_workers_which_end_with_the_peer() -> None:
+    """Each connect runs on the sink's one worker thread; a connect the silent peer never answers is
+    abandoned within connect_timeout and the worker replaced, at most pool_max are parked, and they
+    end when the peer closes. The writes meanwhile fail within their bounds."""
+    lst = Listener("silent")
+    sink = OracleSink.from_config(dataclasses.replace(db_config(lst.port), pool_max=2))
+    worker = sink._worker
+    before = set(threading.enumerate())
+    try:
+        for i in range(4):
+            error, took = timed(lambda: sink.write_batch([TagValue("t", 1, 1.0)]))
+            assert isinstance(error, TransientError) and error.code == "DPY-4005", (i, error)
+            assert took < CONNECT + CONNECT + SLACK, (i, took)
+        # writes 1 and 2 each parked a connect on a worker; 3 and 4 met the pool_max cap and connected nowhere
+        assert (worker.started, worker.replaced, worker.spares) == (2, 2, 0)
+        assert "not answered" in str(error)
+        parked = [t for t in threading.enumerate() if t not in before and t.name == "tagwriter-oracle-worker"]
+        assert len(parked) == 2
+    finally:
+        lst.close()
+    wait_until(lambda: not any(t.is_alive() for t in parked), "the parked workers to end with the peer", 10.0)
+    error, took = timed(lambda: sink.write_batch([TagValue("t", 1, 1.0)]))
+    assert isinstance(error, TransientError) and error.code == "DPY-6005", error
+    assert took < CONNECT + SLACK
+    assert (worker.started, worker.replaced) == (3, 2)  # a fresh worker, kept: the refusal came in time
     sink.close()
 
 

@@ -13,17 +13,21 @@ Connections come from `ConnectionPool`, a small bounded pool of our own, not
 never answers, the driver pool's background thread wedges for good (every
 acquire times out with DPY-4005 even after the listener is gone), `close()`
 never returns, and since that thread is not a daemon the process can never
-exit. Our pool opens each connection with `oracledb.connect` in a daemon
-thread joined with `connect_timeout` (the driver's connect has no overall
-timeout: `tcp_connect_timeout` only covers the TCP handshake), waits at most
-`pool_wait_timeout` for a free connection (DPY-4005, as the driver's TIMEDWAIT
-pool does), sets `call_timeout` on every acquired connection, and pings a
-connection that sat idle longer than `ping_interval` before reuse (the
-driver's default of 60 s). At most `pool_max` connects can be in flight, so a
-silent listener costs at most that many parked threads, which end when the
-peer closes. Every public call additionally runs in a worker thread joined
-with a deadline derived from those timeouts, so nothing here can hang the
-writer, `stop()` or a command.
+exit. Our pool opens each connection with `oracledb.connect` on the sink's one
+long-lived worker thread (`CallWorker`), waited for at most `connect_timeout`
+(the driver's connect has no overall timeout: `tcp_connect_timeout` only
+covers the TCP handshake); a connect that overruns is left to finish, its
+thread abandoned and replaced. The pool waits at most `pool_wait_timeout` for
+a free connection (DPY-4005, as the driver's TIMEDWAIT pool does), sets
+`call_timeout` on every acquired connection, and pings a connection that sat
+idle longer than `ping_interval` before reuse (the driver's default of 60 s).
+At most `pool_max` connects can be in flight, so a silent listener costs at
+most that many parked threads, which end when the peer closes. Everything
+else runs on the caller's thread, each round trip bounded by the driver's
+`call_timeout`: `write_batch` on a pooled connection starts no thread and
+hands nothing to another one (issue 17: a thread per call, which must win the
+GIL from a busy producer, held the sink to 0.4 of a do-nothing one). So
+nothing here can hang the writer, `stop()` or a command.
 
 `insert_mode = "direct_path"` uses `Connection.direct_path_load` (thin mode
 only; rows are committed by the load; no per-row errors). Duplicates are
@@ -33,8 +37,9 @@ data, the batch is written again the conventional way so that row errors are
 reported per row. See README "Oracle" for when it helps and its limits.
 
 Modules: `errors` (codes, classification, hints), `pool` (the bounded
-`ConnectionPool`), `sink` (`OracleSink`), `schema` (the data dictionary and
-the type rules), `binds` (datetimes in and out).
+`ConnectionPool`), `worker` (`CallWorker`, the thread for connects), `sink`
+(`OracleSink`), `schema` (the data dictionary and the type rules), `binds`
+(bind rows, datetimes in and out).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from tagwriter.sinks.oracle.binds import bind_rows, naive_utc, to_us
 from tagwriter.sinks.oracle.errors import classify, error_code, error_text, hint_for
 from tagwriter.sinks.oracle.pool import ConnectionPool
 from tagwriter.sinks.oracle.sink import OracleSink
+from tagwriter.sinks.oracle.worker import CallWorker
 
-__all__ = ["ConnectionPool", "OracleSink", "bind_rows", "classify", "error_code", "error_text", "hint_for",
-           "naive_utc", "to_us"]
+__all__ = ["CallWorker", "ConnectionPool", "OracleSink", "bind_rows", "classify", "error_code", "error_text",
+           "hint_for", "naive_utc", "to_us"]

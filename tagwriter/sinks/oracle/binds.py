@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from tagwriter.models import TagValue
+from tagwriter.models import Chunk, TagValue
 
 _EPOCH = datetime(1970, 1, 1)
 
@@ -26,7 +26,15 @@ def to_us(ts: datetime) -> int:
 
 
 def bind_rows(rows: Sequence[TagValue]) -> list[tuple[object, ...]]:
-    """Bind tuples; one datetime per distinct ts (a polling group shares one)."""
+    """Bind tuples (tag, naive UTC datetime, value, quality), in the list executemany wants.
+
+    One datetime per distinct ts (a polling group shares one). A `Chunk`'s
+    columns are zipped as they are (`Chunk.params`), with no TagValue made per
+    row; other sequences are read row by row (faster for them than making a
+    chunk first).
+    """
+    if isinstance(rows, Chunk):
+        return list(rows.params(naive_utc))
     out: list[tuple[object, ...]] = []
     last_us: int | None = None
     last_dt = _EPOCH

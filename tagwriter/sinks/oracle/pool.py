@@ -1,8 +1,10 @@
 """`ConnectionPool`: a small bounded pool of driver connections of our own (see the package docstring).
 
-No call waits without a bound: a connect runs in a daemon thread joined with
-`connect_timeout`, a free connection is awaited at most `wait_timeout`, and
-connections are closed in the background.
+No call waits without a bound: a connect that a caller waits for runs on the
+`run` it was given (the sink's long-lived `CallWorker`; a thread per call by
+default) for at most `connect_timeout`, a free connection is awaited at most
+`wait_timeout`, every round trip on a connection is bounded by the
+`call_timeout` set on it, and connections are closed in the background.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from tagwriter.bounded import close_bounded, run_bounded
 from tagwriter.errors import TransientError
 from tagwriter.sinks.oracle.errors import TIMEOUT_HINT, hint_for
+
+T = TypeVar("T")
 
 PING_INTERVAL = 60.0  # seconds idle before a pooled connection is pinged on reuse (driver default)
 CLOSE_TIMEOUT = 2.0  # seconds close() waits for connections to log off
@@ -38,6 +42,13 @@ def close_in_background(conns: Sequence[Any], timeout: float = 0.0) -> bool:
     return close_bounded(close_all, timeout, "oracle-close")
 
 
+class BoundedRun(Protocol):
+    """How a call the driver cannot bound is run: `run_bounded`, or `CallWorker.run`."""
+
+    def __call__(self, fn: Callable[[], T], timeout: float, what: str, *,
+                 on_late: Callable[[T], None] | None = None, hint: str = "") -> T: ...
+
+
 class _Attempt:
     """One connect in flight. `waiting` is False once nobody waits for it."""
 
@@ -54,17 +65,21 @@ class ConnectionPool:
     """A bounded pool of driver connections. Thread-safe; no call waits without a bound.
 
     `acquire` returns an idle connection (pinged first if it idled longer than
-    `ping_interval`), or opens one (at most `connect_timeout`), or waits for a
-    release (at most `wait_timeout`); otherwise TransientError DPY-4005.
-    Connections in use plus connects in flight never exceed `max_size`.
+    `ping_interval`), or opens one (on `run`, at most `connect_timeout`), or
+    waits for a release (at most `wait_timeout`); otherwise TransientError
+    DPY-4005. Taking an idle connection starts no thread. Connections in use
+    plus connects in flight never exceed `max_size`; a connect that answers
+    after its caller gave up joins the pool.
     """
 
     def __init__(
         self, connect: Callable[[], Any], *, max_size: int = 5, wait_timeout: float = 5.0,
         connect_timeout: float = 5.0, call_timeout: float = 10.0, ping_interval: float = PING_INTERVAL,
         target: str = "the database", clock: Callable[[], float] = time.monotonic,
+        run: BoundedRun = run_bounded,
     ) -> None:
         self._connect = connect
+        self._run = run
         self.max_size = max_size
         self.wait_timeout = wait_timeout
         self.connect_timeout = connect_timeout
@@ -98,7 +113,7 @@ class ConnectionPool:
         while True:
             conn, last_used, attempt = self._take(deadline)
             if attempt is not None:
-                conn = self._await(attempt)
+                conn = self._open(attempt)
             elif self._clock() - last_used > self.ping_interval and not self._ping(conn):
                 continue
             try:
@@ -118,7 +133,8 @@ class ConnectionPool:
                     self._busy += 1
                     return conn, last_used, None
                 if self._busy + self._pending < self.max_size:
-                    return None, 0.0, self._start(waiting=True)
+                    self._pending += 1
+                    return None, 0.0, _Attempt(waiting=True)
                 remaining = deadline - self._clock()
                 if remaining <= 0.0:
                     raise self._exhausted()
@@ -135,15 +151,15 @@ class ConnectionPool:
             hint=hint_for("DPY-4005", why),
         )
 
-    def _start(self, waiting: bool) -> _Attempt:
-        """Start one connect in a daemon thread (call with the lock held)."""
-        attempt = _Attempt(waiting)
+    def _start(self) -> None:
+        """Start one connect nobody waits for in a daemon thread (call with the lock held)."""
+        attempt = _Attempt(waiting=False)
         self._pending += 1
         threading.Thread(target=self._run_connect, args=(attempt,),
                          name="tagwriter-oracle-connect", daemon=True).start()
-        return attempt
 
     def _run_connect(self, attempt: _Attempt) -> None:
+        """One connect; the outcome goes to the attempt (or the pool, if nobody waits). Never raises."""
         conn: Any = None
         error: BaseException | None = None
         try:
@@ -168,8 +184,12 @@ class ConnectionPool:
         if orphan is not None:
             close_in_background([orphan])
 
-    def _await(self, attempt: _Attempt) -> Any:
-        if not attempt.done.wait(self.connect_timeout):
+    def _open(self, attempt: _Attempt) -> Any:
+        """Run the caller's connect on `run` within connect_timeout; the connection or the error."""
+        # _run_connect never raises: a TransientError here is run's TIMEOUT, settled below under the lock
+        with contextlib.suppress(TransientError):
+            self._run(lambda: self._run_connect(attempt), self.connect_timeout, f"connect to {self.target}")
+        if not attempt.done.is_set():
             with self._cond:
                 if not attempt.done.is_set():
                     attempt.waiting = False
@@ -194,14 +214,14 @@ class ConnectionPool:
 
     def connect_once(self) -> Any:
         """A new connection outside the pool (bounded by connect_timeout); the caller closes it."""
-        return run_bounded(self._connect, self.connect_timeout, f"connect to {self.target}",
-                           on_late=close_quietly, hint=TIMEOUT_HINT)
+        return self._run(self._connect, self.connect_timeout, f"connect to {self.target}",
+                         on_late=close_quietly, hint=TIMEOUT_HINT)
 
     def fill(self, n: int) -> None:
         """Open connections in the background until `n` are open (pool_min); never waits."""
         with self._cond:
             while not self._closed and self.opened + self._pending < min(n, self.max_size):
-                self._start(waiting=False)
+                self._start()
 
     def release(self, conn: Any, *, discard: bool = False) -> None:
         """Give a connection back; `discard` (or a dead connection) closes it instead."""

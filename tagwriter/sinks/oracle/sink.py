@@ -12,16 +12,14 @@ from typing import Any, TypeVar
 
 import oracledb
 
-from tagwriter.bounded import run_bounded
 from tagwriter.config import DatabaseConfig, parse_url
 from tagwriter.errors import ConfigError, FatalError, RowError, SinkError, TransientError
-from tagwriter.models import TagValue
+from tagwriter.models import Chunk, TagValue
 from tagwriter.redact import dsn_passwords, redact_dsn, register
 from tagwriter.sinks.base import ColumnInfo, ColumnRule, TableInfo, TableSpec, WriteResult, table_differences
 from tagwriter.sinks.oracle.binds import bind_rows, naive_utc, to_us
 from tagwriter.sinks.oracle.errors import (
     DUPLICATE_CODE,
-    TIMEOUT_HINT,
     classify,
     error_code,
     error_text,
@@ -39,6 +37,7 @@ from tagwriter.sinks.oracle.schema import (
     pick_key,
     type_name,
 )
+from tagwriter.sinks.oracle.worker import CallWorker
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +108,7 @@ class OracleSink:
         self.target = ", ".join(f"{h}:{p}" for h, p, _ in self.addresses) or redact_dsn(dsn)
         self._pool: ConnectionPool | None = None
         self._pool_lock = threading.Lock()
+        self._worker = CallWorker()  # runs the connects the driver cannot bound
         self._schema = ""
         c_tag, c_ts, c_val, c_q = self.columns
         self._insert = (
@@ -185,38 +185,31 @@ class OracleSink:
                 self._pool = ConnectionPool(
                     self._connect, max_size=self.pool_max, wait_timeout=self.pool_wait_timeout,
                     connect_timeout=self.connect_timeout, call_timeout=self.call_timeout,
-                    ping_interval=self.ping_interval, target=self.target,
+                    ping_interval=self.ping_interval, target=self.target, run=self._worker.run,
                 )
             return self._pool
 
-    def _deadline(self, calls: int) -> float:
-        """A bound for one operation: acquire + connect + `calls` round trips, plus slack."""
-        return self.pool_wait_timeout + self.connect_timeout + calls * self.call_timeout + 1.0
+    def _with_connection(self, what: str, fn: Callable[[Any], T]) -> T:
+        """Run `fn(conn)` on a pooled connection, on the caller's thread; errors classified.
 
-    def _with_connection(self, what: str, fn: Callable[[Any], T], *, calls: int = 2) -> T:
-        """Run `fn(conn)` on a pooled connection within a deadline; errors classified."""
-
-        def work() -> T:
-            pool = self._get_pool()
-            try:
-                conn = pool.acquire()
-            except Exception as exc:
-                raise self._classify(exc, what) from None
-            try:
-                result = fn(conn)
-            except Exception as exc:
-                error = self._classify(exc, what)
-                self._settle(pool, conn, error)
-                raise error from None
-            pool.release(conn)
-            return result
-
+        Starts no thread while the pool has an idle connection. Bounded: each
+        round trip by the connection's `call_timeout`, the wait for a
+        connection by `pool_wait_timeout`, a connect by `connect_timeout` (on
+        the sink's worker thread, since the driver cannot bound it).
+        """
+        pool = self._get_pool()
         try:
-            return run_bounded(work, self._deadline(calls), what, hint=TIMEOUT_HINT)
-        except SinkError:
-            raise
+            conn = pool.acquire()
         except Exception as exc:  # never let a driver error escape
             raise self._classify(exc, what) from None
+        try:
+            result = fn(conn)
+        except Exception as exc:
+            error = self._classify(exc, what)
+            self._settle(pool, conn, error)
+            raise error from None
+        pool.release(conn)
+        return result
 
     def _settle(self, pool: ConnectionPool, conn: Any, error: SinkError) -> None:
         """After a failed call: drop a broken connection (and its idle siblings), else roll back."""
@@ -246,10 +239,12 @@ class OracleSink:
         self._get_pool().fill(self.pool_min)
 
     def write_batch(self, rows: Sequence[TagValue]) -> WriteResult:
+        """Insert `rows` (a Chunk or any sequence of TagValue) and commit, on the calling thread."""
         if not rows:
             return WriteResult(0)
         if self.insert_mode == "direct_path":
-            return self._with_connection(f"write to {self.table}", lambda c: self._direct_path(c, rows), calls=4)
+            chunk = Chunk.of(rows)
+            return self._with_connection(f"write to {self.table}", lambda c: self._direct_path(c, chunk))
         return self._with_connection(f"write to {self.table}", lambda c: self._insert_rows(c, rows))
 
     def _insert_rows(self, conn: Any, rows: Sequence[TagValue]) -> WriteResult:
@@ -274,14 +269,15 @@ class OracleSink:
         rejected.sort(key=lambda e: e.index)
         return WriteResult(len(rows) - duplicates - len(rejected), duplicates, rejected)
 
-    def _direct_path(self, conn: Any, rows: Sequence[TagValue]) -> WriteResult:
+    def _direct_path(self, conn: Any, rows: Chunk) -> WriteResult:
         """Direct path load of the rows not already stored; row errors fall back to executemany."""
         if not self._schema:
             self._schema = self._current_schema(conn)
         fresh, duplicates = self._without_stored(conn, rows)
         if not fresh:
             return WriteResult(0, duplicates)
-        data = bind_rows([rows[i] for i in fresh])
+        rows = Chunk.of([rows[i] for i in fresh])
+        data = bind_rows(rows)
         try:
             conn.direct_path_load(schema_name=self._schema, table_name=self.table,
                                   column_names=list(self.columns), data=data)
@@ -295,17 +291,17 @@ class OracleSink:
                         code, error_text(exc))
             with contextlib.suppress(Exception):
                 conn.rollback()
-            result = self._insert_rows(conn, [rows[i] for i in fresh])
+            result = self._insert_rows(conn, rows)
             return WriteResult(
                 result.written, result.duplicates + duplicates,
                 [RowError(fresh[e.index], e.code, e.message) for e in result.rejected],
             )
         return WriteResult(len(fresh), duplicates)
 
-    def _without_stored(self, conn: Any, rows: Sequence[TagValue]) -> tuple[list[int], int]:
+    def _without_stored(self, conn: Any, rows: Chunk) -> tuple[list[int], int]:
         """Indexes of rows whose key is neither earlier in the batch nor in the table."""
-        lo = min(r.ts_us for r in rows)
-        hi = max(r.ts_us for r in rows)
+        lo = min(rows.stamps)
+        hi = max(rows.stamps)
         c_tag, c_ts = self.columns[0], self.columns[1]
         with contextlib.closing(conn.cursor()) as cur:
             cur.setinputsizes(self.driver.DB_TYPE_TIMESTAMP, self.driver.DB_TYPE_TIMESTAMP)
@@ -315,8 +311,7 @@ class OracleSink:
             )
             seen = {(tag, to_us(ts)) for tag, ts in cur.fetchall()}
         fresh: list[int] = []
-        for i, row in enumerate(rows):
-            key = (row.tag, row.ts_us)
+        for i, key in enumerate(zip(rows.tags, rows.stamps, strict=True)):
             if key not in seen:
                 seen.add(key)
                 fresh.append(i)
@@ -343,6 +338,7 @@ class OracleSink:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.close(CLOSE_TIMEOUT)
+        self._worker.close()
 
     # -- AdminSink -----------------------------------------------------------
 
@@ -381,7 +377,7 @@ class OracleSink:
         def version(conn: Any) -> str:
             return f"Oracle Database {conn.version}"
 
-        return self._with_connection("server version", version, calls=0)
+        return self._with_connection("server version", version)
 
     def ddl(self, *, read_index: bool = False, partition_by_day: bool = False) -> list[str]:
         """CREATE TABLE with PRIMARY KEY (tag, ts); optional daily interval partitions on ts.
@@ -426,7 +422,7 @@ class OracleSink:
                         if error_code(exc) != "ORA-00955":
                             raise
 
-        self._with_connection(f"create table {self.table}", create, calls=3)
+        self._with_connection(f"create table {self.table}", create)
 
     def inspect_table(self) -> TableInfo | None:
         """The table in the current schema as ALL_TAB_COLUMNS / ALL_CONSTRAINTS describe it."""
@@ -446,7 +442,7 @@ class OracleSink:
                     keys.setdefault((str(kind), str(name)), []).append(str(column))
             return TableInfo(cols, pick_key(keys, {self.columns[0], self.columns[1]}))
 
-        return self._with_connection(f"inspect {self.table}", inspect, calls=3)
+        return self._with_connection(f"inspect {self.table}", inspect)
 
     def table_differences(self, info: TableInfo) -> list[str]:
         """How `info` differs from DESIGN.md's Oracle table ([] = writable as tagwriter expects)."""
@@ -471,10 +467,10 @@ class OracleSink:
                 finally:
                     conn.rollback()
 
-        self._with_connection(f"insert into {self.table}", insert, calls=2)
+        self._with_connection(f"insert into {self.table}", insert)
 
     def ping(self) -> None:
-        self._with_connection("ping", lambda conn: conn.ping(), calls=1)
+        self._with_connection("ping", lambda conn: conn.ping())
 
 
 class _BatchError(Exception):
