@@ -63,7 +63,8 @@ ROW_ESTIMATE = 40  # bytes a pending value is reckoned at before it is encoded
 READ_CHUNKS = 64  # records read back from disk at a time
 ERROR_LOG_INTERVAL = 10.0  # seconds between "cannot commit" log lines
 FSYNC_SAMPLES = 1024  # commit latencies kept for the percentiles
-MIN_IDLE = 0.05  # seconds an idle commit thread waits before it persists releases
+IDLE_PERSIST = 0.5  # seconds an idle commit thread waits before it persists releases
+IDLE_RETRY = 0.05  # seconds between tries of a commit that failed
 COMMIT_GRACE = 1.0  # seconds `shutdown` gives its last group commit, past a spent deadline (ms on a sound disk)
 WAL_LIMIT = 16 * 1024**2  # bytes a WAL is cut back to after a checkpoint
 VACUUM_PAGES = 256  # free pages that make an emptied queue give its space back
@@ -468,22 +469,28 @@ class DiskQueue:
     # -- the commit thread -------------------------------------------------
 
     def _run(self) -> None:
-        """Group commit: wait for values, commit them with what is released, then let `fsync_interval` pass."""
-        idle = max(self.fsync_interval, MIN_IDLE)
+        """Group commit: wait for values; commit them with what is released once `fsync_interval` has passed
+        since the last commit (values of the interval join one commit).
+
+        One wake-up per commit: a value after a quiet spell is committed at once, the next ones wait out the
+        rest of the interval. An idle queue persists releases every IDLE_PERSIST seconds; a failing disk is
+        tried again every IDLE_RETRY seconds, not in a loop.
+        """
+        clock = self._clock
+        last = float("-inf")  # clock.monotonic() of the last commit
+        ok = True
         while True:
             with self._lock:
                 if not (self._pending or self._stopped):  # (closed, it still persists what the writer releases)
-                    self._commit_wake.wait(idle)  # on timeout: persist what was released meanwhile
+                    self._commit_wake.wait(IDLE_PERSIST)  # on timeout: persist what was released meanwhile
+                pause = (last + self.fsync_interval if ok else last + IDLE_RETRY) - clock.monotonic()
+                if pause > 0.0 and not self._stopped and not (ok and self._closed):
+                    self._interval.wait(pause)
                 stopping = self._stopped
+            last = clock.monotonic()
             ok = self._commit()
             if stopping:
                 return
-            # Submits of the interval join one commit; a failing disk is tried again every interval, not in a loop.
-            pause = self.fsync_interval if ok else idle
-            if pause > 0.0:
-                with self._lock:
-                    if not self._stopped and not (ok and self._closed):
-                        self._interval.wait(pause)
 
     def _commit(self) -> bool:
         """One group commit: new records, cursors, releases; then settle and feed the ring. False if it failed."""
@@ -824,12 +831,20 @@ class DiskQueue:
 
     # -- reading -----------------------------------------------------------
 
+    def queued(self) -> int:
+        """Values queued, durable or pending (in flight with the writer too): `stats()`'s values + pending."""
+        with self._lock:
+            return self._durable_values() + self._pending_values
+
+    def _durable_values(self) -> int:
+        """Durable values not released (under the lock). Not `committed_end - watermark`: ranges released
+        ahead of it (values dropped under drop-oldest while the writer holds an older batch) are no longer queued."""
+        return max(0, self.recovered + self.acknowledged - self.released_total - self.corrupt)
+
     def stats(self) -> QueueStats:
         times = sorted(self._fsync_times)
         with self._lock:
-            # Not `committed_end - watermark`: ranges released ahead of it (values dropped under drop-oldest while
-            # the writer holds an older batch) are no longer queued.
-            values = max(0, self.recovered + self.acknowledged - self.released_total - self.corrupt)
+            values = self._durable_values()
             stored, pending = self._stored_bytes, self._pending_values
         return QueueStats(
             values=values, bytes=stored, pending=pending, oldest_age=self.oldest_age(),

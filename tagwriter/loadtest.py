@@ -247,7 +247,7 @@ def peak_memory_bytes() -> int | None:
 
 
 class _Sampler:
-    """Samples the buffer utilization from `pipeline.snapshot()` every SAMPLE_INTERVAL seconds;
+    """Samples the buffer utilization (`pipeline.buffer_fill()`) every SAMPLE_INTERVAL seconds;
     sets `over` once a sample is above `give_up_pct` (None: never) after GIVE_UP_AFTER seconds."""
 
     def __init__(self, pipeline: Pipeline, give_up_pct: float | None = None) -> None:
@@ -264,7 +264,8 @@ class _Sampler:
     def _run(self) -> None:
         give_up_from = time.monotonic() + GIVE_UP_AFTER
         while True:
-            pct = self.pipeline.snapshot().buffer_utilization_pct
+            size, capacity = self.pipeline.buffer_fill()  # (not a whole snapshot: the sampler must cost ~nothing)
+            pct = 100.0 * size / capacity if capacity else 0.0
             self.samples.append(pct)
             if self.give_up_pct is not None and pct > self.give_up_pct and time.monotonic() >= give_up_from:
                 self.over.set()

@@ -485,6 +485,14 @@ class Pipeline:
             **self._drain.status(),
         )
 
+    def buffer_fill(self) -> tuple[int, int]:
+        """(values waiting for the writer, capacity), as `snapshot()` counts its `buffer_size`: for a sampler that
+        needs only this (a snapshot costs ~250 µs on a thread that wakes from a sleep: 10 a second are 2.5 ms/s)."""
+        inflight = self._writer.inflight
+        if self._queue is not None:
+            return max(0, self._queue.queued() - inflight), self._buffer.capacity
+        return len(self._buffer), self._buffer.capacity
+
     def _queue_figures(self) -> dict[str, Any]:
         if self._queue is None:
             return {}

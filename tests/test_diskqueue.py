@@ -424,7 +424,7 @@ def test_after_close_the_commit_thread_persists_releases_without_spinning(
     q.release(b.start, b.end)
     wait_until(lambda: q.stats().values == 0, "the release to be persisted after close")
     before = len(calls)
-    time.sleep(0.5)  # a measured window, not a synchronisation: an idle thread wakes every MIN_IDLE (0.05 s)
+    time.sleep(0.5)  # a measured window, not a synchronisation: an idle thread wakes every IDLE_PERSIST (0.5 s)
     assert len(calls) - before <= 15, f"{len(calls) - before} commits in 0.5 s: the thread spins"
 
 
@@ -656,7 +656,7 @@ def test_a_full_disk_with_fsync_always_is_retried_every_interval_not_in_a_loop(
     stuck = q.put_many(values(3000, 10))
     wait_until(lambda: q.disk_full, "the commit to fail")
     before = len(calls)
-    time.sleep(0.5)  # a measured window: one try every MIN_IDLE (0.05 s), not thousands
+    time.sleep(0.5)  # a measured window: one try every IDLE_RETRY (0.05 s), not thousands
     assert len(calls) - before <= 15, f"{len(calls) - before} tries in 0.5 s"
     filler.unlink()
     assert Receipt(True, q.settlement, stuck.end).wait(20)

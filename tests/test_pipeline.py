@@ -726,3 +726,21 @@ def test_partial_spool_file_left_by_a_crash_is_recovered_at_start(tmp_path: Path
         pass
     assert not list((tmp_path / "backup").glob("*.partial"))
     assert exact(spooled(tmp_path / "backup")) == exact(lost)
+
+
+@pytest.mark.parametrize("durability", ["memory", "disk"])
+def test_buffer_fill_is_the_snapshots_buffer_size_without_a_snapshot(tmp_path: Path, durability: str) -> None:
+    """The load test's sampler reads `buffer_fill()`: the same figure as the snapshot's, for ~nothing."""
+    sink = MemorySink()  # no batch is due (1,000 values, a minute): nothing leaves the buffer while we look
+    config = make_config(tmp_path, buffer={"durability": durability, "directory": str(tmp_path / "q"),
+                                           "capacity": 1000, "overflow_policy": "block"},
+                         writer={"batch_size": 1000, "flush_interval": 60.0})
+    with Pipeline(config, sink=sink) as p:
+        for g in groups(5, 40):
+            assert p.submit(g)
+        if durability == "disk":
+            wait_until(lambda: p.snapshot().queue_pending == 0, "the values to be durable")
+        size, capacity = p.buffer_fill()
+        snap = p.snapshot()
+        assert (size, capacity) == (snap.buffer_size, snap.buffer_capacity) == (200, 1000)
+        p.abort()
