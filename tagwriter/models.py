@@ -272,10 +272,10 @@ class Chunk(Sequence[TagValue]):
         stamps = self.stamps
         if not stamps:
             return iter(())
-        first = stamps[0]
-        if stamps.count(first) == len(stamps):  # one polling group (or several at one instant): the common case
-            return zip(self.tags, repeat(ts(first), len(stamps)), self.values, self.qualities, strict=True)
-        shown = {s: ts(s) for s in set(stamps)}
+        distinct = set(stamps)
+        if len(distinct) == 1:  # one polling group (or several at one instant)
+            return zip(self.tags, repeat(ts(stamps[0]), len(stamps)), self.values, self.qualities, strict=True)
+        shown = {s: ts(s) for s in distinct}
         return zip(self.tags, map(shown.__getitem__, stamps), self.values, self.qualities, strict=True)
 
 
