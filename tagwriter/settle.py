@@ -33,7 +33,9 @@ class Settlement:
     """
 
     def __init__(self, start: int = 0) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # (taken bare by `settle`, once per batch: a Condition's `with` costs more)
+        self._cond = threading.Condition(self._lock)
+        self._waiters = 0  # threads in `wait`: `settle` notifies only when there are some
         self._mark = start
         self._ahead: dict[int, int] = {}  # start -> end of ranges settled beyond the watermark
         self._callbacks: list[tuple[int, int, Callable[[], None]]] = []  # heap of (end, order, fn)
@@ -48,7 +50,7 @@ class Settlement:
         """Positions `start` .. `end - 1` have settled."""
         if end <= start:
             return
-        with self._cond:
+        with self._lock:
             if end <= self._mark:
                 return
             if start > self._mark:
@@ -56,13 +58,15 @@ class Settlement:
                 return
             mark = end
             # Join every range settled ahead that now touches or overlaps the prefix.
-            while starts := [s for s in self._ahead if s <= mark]:
+            while self._ahead and (starts := [s for s in self._ahead if s <= mark]):
                 for s in starts:
                     mark = max(mark, self._ahead.pop(s))
             self._mark = mark
-            due = self._due_callbacks()
-            self._cond.notify_all()
-        self._run(due)
+            due = self._due_callbacks() if self._callbacks else []
+            if self._waiters:
+                self._cond.notify_all()
+        if due:
+            self._run(due)
 
     def advance(self, mark: int) -> None:
         """Everything below `mark` has settled (a queue that settles in order)."""
@@ -71,7 +75,11 @@ class Settlement:
     def wait(self, end: int, timeout: float | None = None) -> bool:
         """Wait until every position below `end` has settled; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._mark >= end, timeout)
+            self._waiters += 1
+            try:
+                return self._cond.wait_for(lambda: self._mark >= end, timeout)
+            finally:
+                self._waiters -= 1
 
     def call_when(self, end: int, fn: Callable[[], None]) -> None:
         """Call `fn` once every position below `end` has settled (at once, here, if it has)."""
