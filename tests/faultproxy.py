@@ -11,8 +11,9 @@
 
 Threads: one accepting, two pumps per connection. Mode changes apply at once
 to new and established connections. `only=` counts bytes of PostgreSQL
-frontend messages of those types (the proxy follows the client's message
-framing), so a reset can be aimed at the middle of a COPY.
+frontend messages of those types, their 5-byte headers included (the proxy
+follows the client's message framing), so a reset can be aimed at the middle
+of a COPY, or right after a Sync.
 
 Also here, for the fault-injection suites (tests/test_faults_*.py): the
 results table they fill (`FaultRow`, `record`, `write_results`) and their
@@ -79,7 +80,7 @@ class _Framer:
         self.remaining = 0
 
     def segments(self, data: bytes) -> list[tuple[bytes, int, int]]:
-        """(message type, start, end) runs of `data`; b"" for headers and startup."""
+        """(message type, start, end) runs of `data`; b"" for the startup phase."""
         out: list[tuple[bytes, int, int]] = []
         i, n = 0, len(data)
         while i < n:
@@ -87,7 +88,8 @@ class _Framer:
                 size = 4 if self.untyped else 5
                 take = min(size - len(self.header), n - i)
                 self.header += data[i:i + take]
-                out.append((b"", i, i + take))
+                # A typed message's header counts as part of it (Sync has nothing else).
+                out.append((b"" if self.untyped else self.header[:1], i, i + take))
                 i += take
                 if len(self.header) == size:
                     if self.untyped:

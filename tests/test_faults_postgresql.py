@@ -38,7 +38,6 @@ from tagwriter.metrics import MetricsSnapshot
 from tagwriter.pipeline import Pipeline
 from tagwriter.replay import replay_files
 from tagwriter.sinks.postgresql import CONFLICT_MODE_BATCHES, PostgresSink
-from tagwriter.sinks.postgresql.sink import _COPY
 from tagwriter.spool import Spool
 
 CALL_TIMEOUT = 2.0
@@ -273,7 +272,7 @@ def test_reset_in_the_middle_of_a_copy(db: PgDatabase, proxy: FaultProxy, tmp_pa
 
 
 def test_reset_right_after_commit_is_sent(db: PgDatabase, proxy: FaultProxy, tmp_path: Path) -> None:
-    """The ambiguous commit: RST just after the whole COMMIT message went to the server.
+    """The ambiguous commit: RST just after the Sync that commits the batch went to the server.
 
     The writer cannot know whether the server committed; it retries the batch
     on a new session. If the server did commit, the retry finds every row there
@@ -282,17 +281,16 @@ def test_reset_right_after_commit_is_sent(db: PgDatabase, proxy: FaultProxy, tmp
     cfg = config(tmp_path, proxy.port, db, batch_size=100)
     with scenario_run(cfg, tags=100) as run:
         p, sink, feeder = run.p, run.sink, run.feeder
-        feeder.submit_many(1)
-        assert p.flush(10) and p.snapshot().written == 100  # a session is open
-        # The transaction with an explicit COMMIT is the staging path's (a direct COPY commits by
-        # itself): put the sink in ON CONFLICT mode, as after a replay, and cut after the last
-        # byte of its simple-protocol messages (BEGIN, COPY into the stage, INSERT, COMMIT).
+        # In conflict mode (as after a replay) a batch is one INSERT in autocommit, committed
+        # when the server reads the Sync that ends it: put the sink there, let one batch
+        # prepare the statement, then cut right after the next Sync (its 5 bytes) went through.
         sink.inner._conflict_mode = CONFLICT_MODE_BATCHES
-        messages = ["BEGIN", _COPY, sink.inner._insert_upsert, "COMMIT"]
-        proxy.reset_after(sum(len(m.encode()) + 1 for m in messages), only=b"Q")
+        feeder.submit_many(1)
+        assert p.flush(10) and p.snapshot().written == 100  # a session is open, the INSERT prepared
+        proxy.reset_after(5, only=b"S")
         feeder.submit_many(1)
         assert p.flush(10)
-        assert proxy.resets_pending == 0 and proxy.stats.reset_mid_message == b"Q"
+        assert proxy.resets_pending == 0 and proxy.stats.reset_mid_message == b"S"
         s = p.snapshot()
         assert s.retries >= 1 and s.spooled == 0, s
     s = run.snapshot

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -14,7 +15,7 @@ from pg_util import PgDatabase, create_role, fresh_database
 
 from tagwriter.config import DatabaseConfig
 from tagwriter.errors import ConfigError, FatalError, TransientError
-from tagwriter.models import TagValue, from_epoch_us
+from tagwriter.models import Chunk, TagValue, from_epoch_us
 from tagwriter.sinks import create_sink
 from tagwriter.sinks.base import AdminSink, Sink, TableSpec
 from tagwriter.sinks.postgresql import (
@@ -24,6 +25,7 @@ from tagwriter.sinks.postgresql import (
     Watchdog,
     classify,
 )
+from tagwriter.sinks.postgresql.binary import Encoder
 
 T0 = 1_700_000_000_123_456  # 2023-11-14T22:13:20.123456Z
 
@@ -151,18 +153,111 @@ def test_after_a_conflict_on_conflict_stays_on_then_plain_insert_returns(sink: P
     assert sink._conflict_mode == 0
 
 
-def test_clean_batches_copy_straight_into_the_table_duplicates_go_the_staging_way(
+def test_clean_batches_copy_straight_into_the_table_duplicates_go_as_one_insert(
     db: PgDatabase, sink: PostgresSink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    staged_copies: list[int] = []
-    real_copy = PostgresSink._copy
-    monkeypatch.setattr(PostgresSink, "_copy", staticmethod(
-        lambda cur, staged: (staged_copies.append(len(staged)), real_copy(cur, staged))[1]))
+    calls: list[tuple[str, int]] = []
+    for name in ("copy_data", "arrays"):
+        real = getattr(Encoder, name)
+        monkeypatch.setattr(Encoder, name, lambda self, chunk, real=real, name=name: (
+            calls.append((name, len(chunk))), real(self, chunk))[1])
     assert sink.write_batch(rows(20)).written == 20
-    assert staged_copies == []  # direct COPY: the staging table was not used
+    assert calls == [("copy_data", 20)]  # direct COPY: no INSERT
     r = sink.write_batch(rows(30))  # 20 already there: unique violation, redone with ON CONFLICT
-    assert (r.written, r.duplicates) == (10, 20) and staged_copies == [30]
+    assert (r.written, r.duplicates) == (10, 20)
+    assert calls[1:] == [("copy_data", 30), ("arrays", 30)]
+    r = sink.write_batch(rows(5, start=25))  # conflict mode: straight to the INSERT, no COPY tried first
+    assert (r.written, r.duplicates) == (0, 5)
+    assert calls[3:] == [("arrays", 5)]
     assert db.count() == 30
+
+
+def test_a_replay_with_a_few_duplicates_per_batch_stays_on_the_insert(sink: PostgresSink) -> None:
+    """Every batch with a duplicate restarts the count: the COPY returns only after a clean run."""
+    sink.write_batch([r for i, r in enumerate(rows(1000)) if i % 100 == 50])
+    for b in range(10):
+        r = sink.write_batch(rows(100, start=100 * b))
+        assert (r.written, r.duplicates) == (99, 1)
+        assert sink._conflict_mode == CONFLICT_MODE_BATCHES
+    sink.write_batch(rows(10, start=5000))
+    assert sink._conflict_mode == CONFLICT_MODE_BATCHES - 1
+
+
+def test_a_row_another_session_is_inserting_is_counted_once(
+    db: PgDatabase, sink: PostgresSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The INSERT skipping rows already there cannot see an open transaction's row: redone ON CONFLICT."""
+    caplog.set_level(logging.INFO, logger="tagwriter.sinks.postgresql.sink")
+    sink.write_batch(rows(10))
+    assert sink.write_batch(rows(10)).duplicates == 10  # conflict mode: the INSERT of arrays
+    batch = rows(20, start=100)
+    with db.connect(autocommit=False) as other:
+        other.execute("INSERT INTO tag_values VALUES (%s, %s, %s, %s)",
+                      (batch[7].tag, from_epoch_us(batch[7].ts_us), -1.0, 0))
+        results = []
+        writer = threading.Thread(target=lambda: results.append(sink.write_batch(batch)))
+        writer.start()
+        with db.connect() as watch:  # the sink waits for the other transaction on the key
+            deadline = time.monotonic() + 10
+            while not watch.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tagwriter' "
+                                    "AND wait_event_type = 'Lock'").fetchone()[0]:
+                assert time.monotonic() < deadline, "the sink never waited for the other session"
+                time.sleep(0.01)
+        other.commit()
+        writer.join(10)
+    assert [(r.written, r.duplicates) for r in results] == [(19, 1)]
+    assert db.count() == 30
+    assert "isolating" not in caplog.text  # redone whole, not bisected as if a row were bad
+
+
+def test_chunks_and_lists_store_the_same_rows(db: PgDatabase, sink: PostgresSink) -> None:
+    batch = [*rows(40), TagValue("ü-ñ 温度", T0, None, -3), TagValue("x", T0 + 1, 7, 5)]  # type: ignore[arg-type]
+    assert sink.write_batch(Chunk.of(batch[:21])).written == 21
+    assert sink.write_batch(batch[21:]).written == 21
+    want = [(r.tag, from_epoch_us(r.ts_us), None if r.value is None else float(r.value), r.quality) for r in batch]
+    assert db.rows() == sorted(want, key=lambda r: (r[0], r[1]))
+    r = sink.write_batch(Chunk.of(batch))  # the INSERT of arrays, from a chunk
+    assert (r.written, r.duplicates) == (0, 42)
+
+
+@pytest.mark.parametrize("optimistic", [True, False], ids=["copy", "insert"])
+@pytest.mark.parametrize("shape", ["one stamp", "polls", "every stamp", "qualities vary"])
+def test_batches_of_every_shape_are_stored_exactly(db: PgDatabase, optimistic: bool, shape: str) -> None:
+    """Both encodings, down each of their branches: a stamp per batch, per poll, per row; one quality or several."""
+    stamp = {"one stamp": lambda i: T0, "every stamp": lambda i: T0 + i}.get(
+        shape, lambda i: T0 + (i // 50) * 100_000)
+    n = 50 if shape == "one stamp" else 200
+    batch = Chunk.of([TagValue(f"line{i % 50}.v", stamp(i), None if i % 37 == 3 else i / 3,
+                               i % 5 if shape == "qualities vary" else 192) for i in range(n)])
+    sink = make_sink(db, optimistic=optimistic)
+    try:
+        assert sink.write_batch(batch).written == len(batch)
+        assert sink.write_batch(batch).duplicates == len(batch)
+    finally:
+        sink.close()
+    want = sorted((r.tag, from_epoch_us(r.ts_us), r.value, r.quality) for r in batch)
+    assert db.rows() == want
+
+
+def test_the_insert_of_arrays_stores_what_copy_stores(db: PgDatabase) -> None:
+    """The conflict path's binary arrays: NULLs, NaN, infinities, microseconds, non-ASCII tags, many stamps."""
+    sink = make_sink(db, optimistic=False)
+    try:
+        batch = [
+            TagValue("a", T0, 1.25, 192), TagValue("a", T0 + 1, float("nan"), 0),
+            TagValue("b", T0, float("-inf"), 32767), TagValue("c", -1, None, -32768),
+            TagValue("ü-ñ 温度", PG_EPOCH_US, 5e-324, 1),
+            *(TagValue(f"t{i}", T0 + i * 7, float(i), i % 3) for i in range(300)),
+        ]
+        assert sink.write_batch(Chunk.of(batch)).written == len(batch)
+        got = {(tag, ts): (value, quality) for tag, ts, value, quality in db.rows()}
+        for row in batch:
+            value, quality = got[(row.tag, from_epoch_us(row.ts_us))]
+            assert quality == row.quality
+            assert (value is None and row.value is None) or value == row.value or (
+                math.isnan(value) and math.isnan(row.value))  # type: ignore[arg-type]
+    finally:
+        sink.close()
 
 
 def test_quality_outside_a_smallint_column_is_refused_per_row_not_wrapped(db: PgDatabase, sink: PostgresSink) -> None:

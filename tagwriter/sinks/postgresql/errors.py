@@ -11,7 +11,7 @@ _FATAL_HINTS = {
     "42P01": "run tagwriter init-db to create the table, or fix database.table",
     "42703": "the table lacks a configured column: fix database.*_column or run tagwriter init-db",
     "42P10": "the table needs PRIMARY KEY (tag_name, ts): see tagwriter init-db",
-    "42501": "grant SELECT, INSERT on the table (and CONNECT, TEMPORARY on the database) to the user",
+    "42501": "grant SELECT, INSERT on the table (and CONNECT on the database) to the user",
     "28P01": "check the password (TAGWRITER_DATABASE_PASSWORD)",
     "28000": "check database.user and the server's pg_hba.conf",
     "3D000": "create the database, or fix the database name in database.url",

@@ -1,4 +1,4 @@
-"""Rows as binary COPY sends them: timestamps in PostgreSQL's epoch, and the rows it could never store refused first."""
+"""Rows checked before sending: the ones PostgreSQL could never store are refused here, row by row."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tagwriter.errors import RowError
-from tagwriter.models import TagValue
+from tagwriter.models import Chunk, TagValue
 
 #: 2000-01-01T00:00:00Z (PostgreSQL's timestamp epoch) in Unix-epoch microseconds.
 PG_EPOCH_US = 946_684_800_000_000
@@ -18,36 +18,67 @@ INT8_END = 2**63  # int8 holds -INT8_END .. INT8_END - 1
 
 def stage_rows(
     rows: Sequence[TagValue], quality_bound: int = INT8_END
-) -> tuple[list[tuple[Any, ...]], list[int] | None, list[RowError]]:
-    """COPY tuples `(tag, ts, value, quality)`, their indexes in the batch, and the rows refused.
+) -> tuple[Chunk, list[int] | None, list[RowError]]:
+    """The rows PostgreSQL can store as a `Chunk`, their indexes in the batch, and the rows refused.
 
     The indexes are None when no row was refused (then they are 0..n-1).
     Refused here: what PostgreSQL cannot store at all and would fail the whole
-    COPY (NUL or unencodable text, a timestamp outside timestamptz's range, a
-    non-number), and a quality outside the column's range (binary COPY would
-    wrap it around instead of failing).
+    statement (NUL or unencodable text, a timestamp outside timestamptz's
+    range, a non-number), and a quality outside the column's range (binary
+    COPY would wrap it around instead of failing). A chunk whose columns are
+    all fine (the common case) is checked column by column and returned as it
+    is; otherwise row by row, int values becoming floats.
     """
-    staged: list[tuple[Any, ...]] = []
+    chunk = Chunk.of(rows)
+    if _columns_fine(chunk, quality_bound):
+        return chunk, None, []
+    tags: list[str] = []
+    stamps: list[int] = []
+    values: list[float | None] = []
+    qualities: list[int] = []
+    positions: list[int] = []
     rejected: list[RowError] = []
-    q_min = -quality_bound
-    for pos, (tag, ts_us, value, quality) in enumerate(rows):
-        if (
-            type(tag) is str and type(ts_us) is int and type(quality) is int
-            and (value is None or type(value) is float)
-            and TS_MIN_US <= ts_us < TS_END_US and q_min <= quality < quality_bound
-            and (tag.isascii() and "\x00" not in tag)
-        ):
-            staged.append((tag, ts_us - PG_EPOCH_US, value, quality))
-            continue
+    for pos, (tag, ts_us, value, quality) in enumerate(chunk):
         error = _row_problem(pos, tag, ts_us, value, quality, quality_bound)
-        if error is None:  # a non-ASCII tag, an int value, ...: fine after all
-            staged.append((tag, ts_us - PG_EPOCH_US, None if value is None else float(value), quality))
-        else:
+        if error is not None:
             rejected.append(error)
-    if not rejected:
-        return staged, None, rejected
-    refused = {e.index for e in rejected}
-    return staged, [i for i in range(len(rows)) if i not in refused], rejected
+            continue
+        tags.append(tag)
+        stamps.append(ts_us)
+        values.append(None if value is None else float(value))
+        qualities.append(quality)
+        positions.append(pos)
+    return Chunk(tags, stamps, values, qualities), (positions if rejected else None), rejected
+
+
+def _columns_fine(chunk: Chunk, quality_bound: int) -> bool:
+    """True if no row needs a look of its own: a few C-level scans per column (~40 us for 500 rows).
+
+    Stamps and qualities are checked as sets: a batch holds few distinct ones.
+    """
+    if not chunk.tags:
+        return True
+    try:
+        joined = "".join(chunk.tags)  # TypeError: a tag that is not text
+        stamps, qualities = set(chunk.stamps), set(chunk.qualities)  # TypeError: unhashable
+    except TypeError:
+        return False
+    if "\x00" in joined:
+        return False
+    if not joined.isascii():
+        try:
+            joined.encode()
+        except UnicodeEncodeError:
+            return False
+    return (_ints_within(stamps, TS_MIN_US, TS_END_US) and _ints_within(qualities, -quality_bound, quality_bound)
+            and set(map(type, chunk.values)) <= _VALUE_TYPES)
+
+
+def _ints_within(numbers: set[Any], low: int, end: int) -> bool:
+    return set(map(type, numbers)) == {int} and min(numbers) >= low and max(numbers) < end
+
+
+_VALUE_TYPES = {float, type(None)}
 
 
 def _row_problem(pos: int, tag: Any, ts_us: Any, value: Any, quality: Any, quality_bound: int) -> RowError | None:

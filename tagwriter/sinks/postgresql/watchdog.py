@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import socket
 import threading
@@ -43,6 +44,7 @@ class Watchdog:
         self._tokens = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._wake_at = math.inf  # when the thread wakes up by itself next
 
     @contextlib.contextmanager
     def guard(self, conn: psycopg.Connection[Any], seconds: float, what: str) -> Iterator[None]:
@@ -52,13 +54,17 @@ class Watchdog:
         except psycopg.Error as exc:
             raise TransientError(f"{what}: connection lost: {error_text(exc)}") from None
         token = next(self._tokens)
+        now = time.monotonic()
         with self._cond:
-            self._armed[token] = (time.monotonic() + seconds, fd)
+            self._armed[token] = (now + seconds, fd)
             self._closed = False
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            elif now + seconds < self._wake_at:
+                # Woken only if it would sleep past this deadline: calls in a row (the
+                # writer's) arm later deadlines than the one it waits for, and cost no wake-up.
+                self._cond.notify()
         try:
             yield
         except (psycopg.Error, OSError) as exc:
@@ -88,11 +94,11 @@ class Watchdog:
                         del self._armed[token]
                         self._fired.add(token)
                         _shutdown_fd(fd)
-                if self._armed:
-                    self._cond.wait(max(0.0, min(d for d, _ in self._armed.values()) - now))
-                else:
-                    self._cond.wait()
+                # An exited guard stays in _wake_at: waking for it costs one loop.
+                self._wake_at = min((d for d, _ in self._armed.values()), default=math.inf)
+                self._cond.wait(None if self._wake_at == math.inf else max(0.0, self._wake_at - now))
             self._thread = None  # under the lock: the next guard starts a new thread
+            self._wake_at = math.inf
 
     def close(self) -> None:
         with self._cond:
