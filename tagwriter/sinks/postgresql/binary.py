@@ -126,7 +126,7 @@ class Encoder:
             self._q_array(_array_head(n, 0, self._q_oid) + b"".join(self._quality_fields(chunk.qualities))),
         )
 
-    def _tag_fields(self, tags: list[str]) -> list[bytes]:
+    def _tag_fields(self, tags: Sequence[str]) -> list[bytes]:
         cache = self._tags
         try:
             return list(map(cache.__getitem__, tags))
@@ -142,7 +142,7 @@ class Encoder:
         return list(map(cache.__getitem__, tags))
 
     @staticmethod
-    def _ts_fields(stamps: list[int], suffix: bytes = b"") -> Sequence[bytes]:
+    def _ts_fields(stamps: Sequence[int], suffix: bytes = b"") -> Sequence[bytes]:
         """Each stamp's field (followed by `suffix`), made once per distinct stamp."""
         first = stamps[0]
         if stamps.count(first) == len(stamps):
@@ -153,7 +153,7 @@ class Encoder:
         field = {s: _TS_FIELD.pack(8, s - PG_EPOCH_US) + suffix for s in distinct}
         return list(map(field.__getitem__, stamps))
 
-    def _quality_fields(self, qualities: list[int]) -> Sequence[bytes]:
+    def _quality_fields(self, qualities: Sequence[int]) -> Sequence[bytes]:
         pack = self._q_field.pack
         first = qualities[0]
         if qualities.count(first) == len(qualities):
@@ -161,7 +161,7 @@ class Encoder:
         field = {q: pack(self._q_size, q) for q in set(qualities)}
         return list(map(field.__getitem__, qualities))
 
-    def _float_array(self, values: list[float | None]) -> Array:
+    def _float_array(self, values: Sequence[float | None]) -> Array:
         n = len(values)
         if None in values:
             data = b"".join([NULL if v is None else _FLOAT_FIELD.pack(8, v) for v in values])
