@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,12 +152,12 @@ class SqliteSink:
         self.open()
         conn = self._conn
         assert conn is not None
-        chunk = Chunk.of(rows)
+        params = _params(rows)
         try:
             conn.execute("BEGIN")
             before = conn.total_changes
             try:
-                conn.executemany(self._insert, chunk.params(format_ts))  # one text timestamp per distinct ts
+                conn.executemany(self._insert, params)
                 written = conn.total_changes - before
                 result = WriteResult(written, len(rows) - written)
             except sqlite3.IntegrityError:
@@ -165,7 +165,7 @@ class SqliteSink:
                 # transaction; a failed statement only undoes itself.
                 conn.execute("ROLLBACK")
                 conn.execute("BEGIN")
-                result = self._write_rows(conn, list(chunk.params(format_ts)))
+                result = self._write_rows(conn, list(_params(rows)))
             conn.execute("COMMIT")
             return result
         except sqlite3.Error as exc:
@@ -314,3 +314,18 @@ def _affinity(declared: str) -> str:
     if "REAL" in t or "FLOA" in t or "DOUB" in t:
         return "REAL"
     return "NUMERIC"
+
+
+def _params(rows: Sequence[TagValue]) -> Iterable[tuple[object, ...]]:
+    """Bind tuples, one text timestamp per distinct ts: a Chunk's columns as they are (`Chunk.params`); other
+    rows (a replay's, from spool lines) one by one, which costs them less than making a chunk first."""
+    if isinstance(rows, Chunk):
+        return rows.params(format_ts)
+    out: list[tuple[object, ...]] = []
+    last_us: int | None = None
+    last_text = ""
+    for tag, ts_us, value, quality in rows:
+        if ts_us != last_us:
+            last_us, last_text = ts_us, format_ts(ts_us)
+        out.append((tag, last_text, value, quality))
+    return out
