@@ -457,18 +457,6 @@ def write_results(path: str, sink: str) -> str:
     return text
 
 
-def show_table(request: Any, text: str) -> None:
-    """Print `text` on the terminal even while pytest captures output (from a fixture's teardown)."""
-    if not text:
-        return
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capman = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None:
-        return
-    with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
-        reporter.write_line("\n" + text)
-
-
 # -- the fault suite's harness: a timed sink and a paced producer -----------------------
 
 T0 = 1_700_000_000.0  # epoch seconds of the first poll a Feeder submits
