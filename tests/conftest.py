@@ -42,6 +42,16 @@ def report(request: pytest.FixtureRequest) -> Callable[[str], None]:
     return lambda text: reports.add(request.config, request.node.nodeid, text)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist: the files with a `slow` test first, so that the longest start early and the
+    last files dealt out are short ones (otherwise one worker ends minutes after the others). Every worker
+    sorts the same way (a stable sort of the same collection); a run without -n keeps the file order."""
+    if not hasattr(config, "workerinput"):
+        return
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     workeroutput = getattr(session.config, "workeroutput", None)  # set on a pytest-xdist worker only
     if workeroutput is not None:
