@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import reports
 
 
 @pytest.fixture
@@ -24,14 +25,47 @@ def in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def fault_results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """After a fault-suite module (its FAULT_SINK names the sink): print its scenario table, write it to a file."""
-    from faultproxy import show_table, write_results
+    """After a fault-suite module (its FAULT_SINK names the sink): report its scenario table, write it to a file."""
+    from faultproxy import write_results
 
     yield
     kind = request.module.FAULT_SINK
     path = os.environ.get("TAGWRITER_FAULT_TABLE") or str(tmp_path_factory.getbasetemp() / "faults.md")
     text = write_results(path, kind)
-    show_table(request, f"fault scenarios, {kind} (also in {path}):\n{text}" if text else "")
+    if text:
+        reports.add(request.config, request.node.nodeid, f"fault scenarios, {kind} (also in {path}):\n{text}")
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """`report(text)`: the test's figures, shown in the "reports" section at the end of the run (with -n too)."""
+    return lambda text: reports.add(request.config, request.node.nodeid, text)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist: the files with a `slow` test first, so that the longest start early and the
+    last files dealt out are short ones (otherwise one worker ends minutes after the others). Every worker
+    sorts the same way (a stable sort of the same collection); a run without -n keeps the file order."""
+    if not hasattr(config, "workerinput"):
+        return
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)  # set on a pytest-xdist worker only
+    if workeroutput is not None:
+        workeroutput[reports.WORKER_OUTPUT] = reports.taken(session.config)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    """pytest-xdist, on the controller: a worker ended; keep the reports it sent."""
+    reports.received(node.config, node)  # type: ignore[attr-defined]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    reports.write(config, terminalreporter)
 
 
 @pytest.fixture(autouse=True)

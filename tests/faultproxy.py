@@ -40,6 +40,7 @@ from tagwriter.sinks.base import WriteResult
 
 LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 TICK = 0.05
+PUMP_END = 10.0  # seconds a reset waits for its pump threads to leave select() (one TICK when not loaded)
 # Untyped startup-phase requests after which another untyped message follows.
 _NEGOTIATION_CODES = {80877103, 80877104}  # SSLRequest, GSSENCRequest
 
@@ -127,14 +128,23 @@ class _Link:
         self.closed = threading.Event()
         self.framer = _Framer()
         self._lock = threading.Lock()
+        self._pumps: list[threading.Thread] = []
 
     def start(self) -> None:
         assert self.upstream is not None
         for src, dst, up in ((self.client, self.upstream, True), (self.upstream, self.client, False)):
-            threading.Thread(target=self._pump, args=(src, dst, up), daemon=True,
-                             name=f"faultproxy-{'up' if up else 'down'}").start()
+            pump = threading.Thread(target=self._pump, args=(src, dst, up), daemon=True,
+                                    name=f"faultproxy-{'up' if up else 'down'}")
+            self._pumps.append(pump)
+            pump.start()
 
     def reset(self) -> None:
+        """RST both sides; returns once the RSTs are sent.
+
+        close() alone does not send them while a pump thread is inside select() on the socket: the
+        kernel keeps the socket until that call returns (up to TICK, far longer on a loaded machine),
+        and meanwhile the server still takes the connection as alive and sends into it (an MQTT
+        broker then redelivers those messages marked DUP). So wait for the pumps to end."""
         with self._lock:
             if self.closed.is_set():
                 return
@@ -142,6 +152,9 @@ class _Link:
         _rst(self.client)
         if self.upstream is not None:
             _rst(self.upstream)
+        for pump in self._pumps:
+            if pump is not threading.current_thread():
+                pump.join(PUMP_END)
         self.proxy._count_reset()
 
     def close(self) -> None:
@@ -457,18 +470,6 @@ def write_results(path: str, sink: str) -> str:
         with open(path, "a", encoding="utf-8") as f:
             f.write(f"\n{sink}:\n\n{text}")
     return text
-
-
-def show_table(request: Any, text: str) -> None:
-    """Print `text` on the terminal even while pytest captures output (from a fixture's teardown)."""
-    if not text:
-        return
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capman = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is None:
-        return
-    with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
-        reporter.write_line("\n" + text)
 
 
 # -- the fault suite's harness: a timed sink and a paced producer -----------------------

@@ -8,7 +8,8 @@
   server): it queues and spools, forwards after, and every value is in the table once.
 
 Needs nats-server (JetStream) on 127.0.0.1:4222 and PostgreSQL on 127.0.0.1:5432; skipped otherwise.
-Each test makes its own stream and database. Figures go to the terminal (`-s`) and the test's log.
+Each test makes its own stream and database. Figures go to the "reports" section at the end of the run
+(the `report` fixture of conftest.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,7 @@ def final_counts(part: Part) -> dict[str, int]:
 
 @pytest.mark.timeout(900)
 def test_three_writers_two_edges_a_million_values_kill_9_a_writer_restart_an_edge(
-        tmp_path: Path, broker: Broker, stream: str, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, broker: Broker, stream: str, report: Callable[[str], None]) -> None:
     per_edge = FLEET_VALUES // 2
     for n in (1, 2):
         (tmp_path / f"edge{n}").mkdir()
@@ -126,17 +127,16 @@ def test_three_writers_two_edges_a_million_values_kill_9_a_writer_restart_an_edg
     edge_runs = [summary(out) for _, out, _ in edges[0].outputs if out] + [final_counts(edges[1])]
     written = sum(c["written"] for c in counts.values())
     duplicates = sum(c["duplicates"] for c in counts.values())
-    with capsys.disabled():
-        print(f"\nfleet: {FLEET_VALUES:,} values, 3 writers, 2 edges: all in the table after {took:.1f} s "
-              f"(edge1 killed at {edge_killed_at:.1f} s and restarted; writer1 killed at {writer_killed_at:.1f} s "
-              f"with {rows_at_kill:,} rows in the table, {held} messages held by it just before); the others got "
-              f"{redelivered} messages redelivered; the two surviving writers wrote {written:,} and counted "
-              f"{duplicates:,} duplicates; edge runs: {edge_runs}")
+    report(f"fleet: {FLEET_VALUES:,} values, 3 writers, 2 edges: all in the table after {took:.1f} s "
+           f"(edge1 killed at {edge_killed_at:.1f} s and restarted; writer1 killed at {writer_killed_at:.1f} s "
+           f"with {rows_at_kill:,} rows in the table, {held} messages held by it just before); the others got "
+           f"{redelivered} messages redelivered; the two surviving writers wrote {written:,} and counted "
+           f"{duplicates:,} duplicates; edge runs: {edge_runs}")
 
 
 @pytest.mark.timeout(600)
 def test_an_edge_cut_off_from_jetstream_for_60_s_queues_spools_and_forwards_every_value_once(
-        tmp_path: Path, broker: Broker, stream: str, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, broker: Broker, stream: str, report: Callable[[str], None]) -> None:
     per_phase = 20_000
     with fresh_database("tw_fleet") as db, FaultProxy(NATS) as proxy:
         setup_stream(tmp_path, stream, db.url())
@@ -182,8 +182,7 @@ def test_an_edge_cut_off_from_jetstream_for_60_s_queues_spools_and_forwards_ever
     # silent may reach the stream late: its replay is then a duplicate JetStream's window catches.
     assert extra["replayed"] + extra["replay_duplicates"] == edge_counts["spooled"]
     assert writer_counts["written"] == 3 * per_phase
-    with capsys.disabled():
-        print(f"\nedge outage: {OUTAGE_S:g} s without JetStream; during it {during}; after it all "
-              f"{3 * per_phase:,} values were in the table within {recovered_in:.1f} s; edge {edge_counts}, "
-              f"replayed {extra['replayed']} (+ {extra['replay_duplicates']} already in the stream); "
-              f"writer {writer_counts}")
+    report(f"edge outage: {OUTAGE_S:g} s without JetStream; during it {during}; after it all "
+           f"{3 * per_phase:,} values were in the table within {recovered_in:.1f} s; edge {edge_counts}, "
+           f"replayed {extra['replayed']} (+ {extra['replay_duplicates']} already in the stream); "
+           f"writer {writer_counts}")

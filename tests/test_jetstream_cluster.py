@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ def pipeline(tmp_path: Path, name: str, url: str, **overrides: Any) -> Pipeline:
 
 @pytest.mark.timeout(300)
 def test_killing_the_stream_leader_of_a_3_node_cluster_stops_neither_publishing_nor_consuming(
-        tmp_path: Path, cluster: NatsCluster, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, cluster: NatsCluster, report: Callable[[str], None]) -> None:
     config = tmp_path / "setup.toml"
     config.write_text("")
     result = CliRunner().invoke(app, ["jetstream", "setup", "--servers", cluster.urls, "--stream", STREAM,
@@ -105,8 +105,7 @@ def test_killing_the_stream_leader_of_a_3_node_cluster_stops_neither_publishing_
         central.snapshot().submitted
     assert new_leader and new_leader != leader
     assert edge_snap.submitted == len(feeder.values) == edge_snap.written + edge_snap.duplicates + edge_snap.spooled
-    with capsys.disabled():
-        print(f"\ncluster: leader {leader} killed with {rows_at_kill:,} rows in the table; new leader {new_leader}; "
-              f"10,000 more rows {going_on_after:.1f} s after the kill; {len(feeder.values):,} values in all, "
-              f"each in the table once; edge: {edge_snap.retries} retries, {edge_snap.spooled} spooled, "
-              f"{edge_snap.duplicates} duplicates; writer: {central.snapshot().duplicates} duplicates")
+    report(f"cluster: leader {leader} killed with {rows_at_kill:,} rows in the table; new leader {new_leader}; "
+           f"10,000 more rows {going_on_after:.1f} s after the kill; {len(feeder.values):,} values in all, "
+           f"each in the table once; edge: {edge_snap.retries} retries, {edge_snap.spooled} spooled, "
+           f"{edge_snap.duplicates} duplicates; writer: {central.snapshot().duplicates} duplicates")

@@ -34,9 +34,11 @@ from waits import wait_until
 from tagwriter import config as config_module
 from tagwriter.config import load
 from tagwriter.errors import ConfigError
+from tagwriter.intake import Intake
 from tagwriter.models import format_ts
 from tagwriter.pipeline import Pipeline
 from tagwriter.sinks.memory import MemorySink
+from tagwriter.sources.base import SourceStatus
 from tagwriter.sources.modbus import (
     ModbusConfig,
     ModbusSource,
@@ -166,14 +168,17 @@ def section(server: Server, registers: list[dict[str, Any]], **keys: Any) -> Mod
 
 
 @contextlib.contextmanager
-def running(source: ModbusSource, pipeline: Pipeline) -> Iterator[threading.Event]:
-    """`source.run` on a thread while the block runs; then stop it (within STOP_DEADLINE) and the pipeline."""
-    stop = threading.Event()
+def running(source: ModbusSource, pipeline: Pipeline, *, intake: Intake | StopAfter | None = None,
+            stop: threading.Event | None = None) -> Iterator[threading.Event]:
+    """`source.run` on a thread while the block runs; then stop it (within STOP_DEADLINE) and the pipeline.
+
+    `intake`: what the source submits to, instead of `pipeline`; `stop`: the event to stop it by."""
+    stop = stop or threading.Event()
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            source.run(pipeline, stop)
+            source.run(intake or pipeline, stop)
         except BaseException as exc:  # surfaced in the test, not lost on the thread
             errors.append(exc)
 
@@ -190,6 +195,28 @@ def running(source: ModbusSource, pipeline: Pipeline) -> Iterator[threading.Even
     assert not thread.is_alive(), "the source did not stop"
     assert took <= STOP_DEADLINE, f"the source took {took:.2f}s to stop"
     assert not errors, errors
+
+
+class StopAfter:
+    """The pipeline as a source's intake that sets `stop` in the `n`-th submit: the source ends between two polls.
+
+    A stop set from outside may fall between two requests of a poll; the source then submits that poll in
+    part (by design), and the rows of a group's tags no longer count the same polls."""
+
+    def __init__(self, pipeline: Pipeline, n: int, stop: threading.Event, source: ModbusSource | None = None) -> None:
+        self.pipeline, self.n, self.stop, self.submits, self.source = pipeline, n, stop, 0, source
+        self.status_at_stop: SourceStatus | None = None  # the source's status in the n-th submit, still running
+
+    def submit(self, data: Any, **kw: Any) -> Any:
+        receipt = self.pipeline.submit(data, **kw)
+        self.submits += 1
+        if self.submits >= self.n and not self.stop.is_set():
+            self.status_at_stop = self.source.status() if self.source is not None else None
+            self.stop.set()
+        return receipt
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipeline, name)
 
 
 def table(tmp_path: Path) -> list[tuple[str, str, float | None, int]]:
@@ -290,9 +317,12 @@ def test_n_polls_of_k_tags_are_n_times_k_rows_exactly_once(server: Server, tmp_p
                                           "buffer.directory": str(tmp_path / "queue")}).start()
     source = ModbusSource.from_config(section(server, fast + slow))
     assert [len(g.reads) for g in source.groups] == [2, 1]
-    with running(source, pipeline):
-        wait_until(lambda: source.counts.polls >= 40, "40 polls")
+    stop = threading.Event()
+    intake = StopAfter(pipeline, 40, stop)
+    with running(source, pipeline, intake=intake, stop=stop):
+        wait_until(stop.is_set, "40 polls")
     polls = source.counts.polls
+    assert polls == 40
     rows = table(tmp_path)
     by_tag: dict[str, list[str]] = {}
     for tag, ts, _, quality in rows:
@@ -322,10 +352,13 @@ def test_an_exception_response_makes_that_request_bad_and_the_rest_good(
                {"tag": "unmapped", "address": UNMAPPED}]
     pipeline = make_pipeline(tmp_path).start()
     source = ModbusSource.from_config(section(server, entries, on_error=on_error))
-    with running(source, pipeline):
-        wait_until(lambda: source.counts.polls >= 3, "3 polls")
-        assert source.status().connected
+    stop = threading.Event()
+    intake = StopAfter(pipeline, 3, stop, source)
+    with running(source, pipeline, intake=intake, stop=stop):
+        wait_until(stop.is_set, "3 polls")
+    assert intake.status_at_stop is not None and intake.status_at_stop.connected
     polls = source.counts.polls
+    assert polls == 3
     rows = table(tmp_path)
     unmapped = [r for r in rows if r[0] == "unmapped"]
     if on_error == "bad":
@@ -344,9 +377,11 @@ def test_a_request_never_answered_is_a_timeout_bad_and_the_connection_stays(
     entries = [{"tag": "ok", "address": 0}, {"tag": "silent", "address": SILENT_ADDRESS}]
     pipeline = make_pipeline(tmp_path).start()
     source = ModbusSource.from_config(section(server, entries, timeout=0.2))
-    with running(source, pipeline):
-        wait_until(lambda: source.counts.polls >= 5, "5 polls")
+    stop = threading.Event()
+    with running(source, pipeline, intake=StopAfter(pipeline, 5, stop), stop=stop):
+        wait_until(stop.is_set, "5 polls")
     polls = source.counts.polls
+    assert polls == 5
     rows = table(tmp_path)
     assert [r[2:] for r in rows if r[0] == "silent"] == [(None, 0)] * polls
     assert [r[2:] for r in rows if r[0] == "ok"] == [(0.0, 192)] * polls

@@ -723,7 +723,9 @@ def test_a_30s_disconnect_loses_nothing_and_redeliveries_are_no_seq_gap(
         try:
             running.subscribed(publisher, group)
             publisher.send(*pump_birth(edge), *(pump_data(edge, i) for i in range(10)))
-            wait_until(lambda: running.source.status().acks_pending == 0, "the first messages acknowledged", 10)
+            # Written first: acks_pending is 0 as well before the first of them has arrived.
+            wait_until(lambda: pipeline.snapshot().written == 4 + 30 and running.source.status().acks_pending == 0,
+                       "the first messages written and acknowledged", 10)
             gate.block()  # the next ones arrive but do not settle: not acknowledged
             publisher.send(*(pump_data(edge, i) for i in range(10, 20)))
             wait_until(lambda: running.source.status().acks_pending == 10, "unsettled messages", 10)
