@@ -93,7 +93,7 @@ class SpoolDrain:
     # -- any thread --------------------------------------------------------
 
     def trigger(self) -> None:
-        """Look at the folder again and resume at once (the database is back)."""
+        """Look at the folder again; a drain backing off after failed writes resumes at once (the database is back)."""
         with self._lock:
             self._triggered = True
 
@@ -160,7 +160,9 @@ class SpoolDrain:
         with self._lock:
             triggered, self._triggered = self._triggered, False
             busy = self._current is not None or bool(self._queue)
-        if triggered:
+        if triggered and self._delays is not None:
+            # Backing off after failed writes: the database is back, try now. A paced drain keeps its pace:
+            # the writer may have taken a step between the end of the outage and this trigger.
             self._next_at = now
             self._delays = None
         if triggered or (not busy and now >= self._next_scan):

@@ -624,7 +624,8 @@ def test_a_full_disk_keeps_pending_values_applies_the_policy_and_goes_on_once_sp
     stuck = q.put_many(values(3000, 100))  # ~110 kB: the WAL must grow, and cannot
     receipt = Receipt(True, q.settlement, stuck.end)
     wait_until(lambda: q.disk_full, "the commit to fail")
-    assert "QUEUE: the disk is full" in caplog.text
+    # (the flag is set just before the alert is logged, on the commit thread)
+    wait_until(lambda: "QUEUE: the disk is full" in caplog.text, "the alert to be logged")
     assert not receipt.settled and q.stats().pending == 3000 and q.stats().disk_full
     more = q.put_many(values(10, 3100))  # the policy decides while the disk is full
     if policy == "spill":
@@ -679,7 +680,7 @@ def test_a_full_disk_through_a_pipeline_spills_counted_and_writes_everything_onc
         s = p.snapshot()
         assert_identity(s)
         assert s.spooled == 1000 and s.dropped == 0 and s.queue_pending == 3000 and not held.settled
-        assert "QUEUE: the disk is full" in caplog.text
+        wait_until(lambda: "QUEUE: the disk is full" in caplog.text, "the alert to be logged")
         filler.unlink()
         assert held.wait(20)
         assert p.flush(20)
