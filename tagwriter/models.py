@@ -14,11 +14,12 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from itertools import repeat
-from typing import Any, NamedTuple, overload
+from typing import Any, NamedTuple, TypeVar, overload
 
 #: OPC DA "good" quality, the default when a source does not say.
 GOOD_QUALITY = 192
+
+T = TypeVar("T")
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NAIVE_EPOCH = datetime(1970, 1, 1)
@@ -61,7 +62,7 @@ _KNOWN_TAGS: dict[tuple[str, ...], tuple[str, ...]] = {}
 _KNOWN_TAGS_MAX = 4096  # tag lists remembered (a plant has tens to thousands of polling groups)
 
 
-def known_tag_names(tags: tuple[str, ...]) -> tuple[str, ...]:
+def known_tag_names(tags: Sequence[str]) -> tuple[str, ...]:
     """`check_tag_names(tags)`, remembered: a polling group's tag list is checked once, not at every poll.
 
     Returns the first equal tuple seen, so that every chunk of a group shares
@@ -69,6 +70,7 @@ def known_tag_names(tags: tuple[str, ...]) -> tuple[str, ...]:
     `check_tag_names` does (a refused list is not remembered). Thread-safe
     (single dict operations); forgets everything past `_KNOWN_TAGS_MAX` lists.
     """
+    tags = tuple(tags)  # (a tuple as it is)
     known = _KNOWN_TAGS.get(tags)
     if known is not None:
         return known
@@ -188,17 +190,25 @@ class Chunk(Sequence[TagValue]):
     columns are sequences of equal length (lists, or tuples: a group's tag
     names are one tuple shared by every poll of the group, see
     `known_tag_names`); nobody changes them once the chunk is built.
+
+    `runs`, where known, tells the stamps column in short: `(stamp, count)`
+    pairs whose expansion is `stamps` (a polling group is one run; a batch
+    joined from groups, one run per group). A sink that turns each stamp into
+    its database's form (`stamp_column`) then does so per run, not per row.
+    None where not known (a chunk made from rows).
     """
 
-    __slots__ = ("qualities", "stamps", "tags", "values")
+    __slots__ = ("qualities", "runs", "stamps", "tags", "values")
 
     def __init__(
         self, tags: Sequence[str], stamps: Sequence[int], values: Sequence[float | None], qualities: Sequence[int],
+        runs: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         self.tags = tags
         self.stamps = stamps
         self.values = values
         self.qualities = qualities
+        self.runs = runs
 
     @classmethod
     def of(cls, rows: Iterable[TagValue]) -> Chunk:
@@ -220,12 +230,18 @@ class Chunk(Sequence[TagValue]):
         stamps: list[int] = []
         values: list[float | None] = []
         qualities: list[int] = []
+        runs: list[tuple[int, int]] | None = []
         for c in chunks:
             tags += c.tags
             stamps += c.stamps
             values += c.values
             qualities += c.qualities
-        return cls(tags, stamps, values, qualities)
+            if runs is not None:
+                if c.runs is None:
+                    runs = None
+                else:
+                    runs += c.runs
+        return cls(tags, stamps, values, qualities, runs)
 
     def __len__(self) -> int:
         return len(self.tags)
@@ -240,7 +256,9 @@ class Chunk(Sequence[TagValue]):
     def __getitem__(self, i: slice) -> Chunk: ...
     def __getitem__(self, i: int | slice) -> TagValue | Chunk:
         if isinstance(i, slice):
-            return Chunk(self.tags[i], self.stamps[i], self.values[i], self.qualities[i])
+            stamps = self.stamps[i]
+            runs = None if self.runs is None else _cut_runs(self.runs, *i.indices(len(self.tags)))
+            return Chunk(self.tags[i], stamps, self.values[i], self.qualities[i], runs)
         return _row((self.tags[i], self.stamps[i], self.values[i], self.qualities[i]))
 
     def __iter__(self) -> Iterator[TagValue]:
@@ -267,16 +285,57 @@ class Chunk(Sequence[TagValue]):
     def __repr__(self) -> str:
         return f"Chunk({list(self)!r})"
 
+    def stamp_column(self, fn: Callable[[int], T]) -> list[T]:
+        """`fn(stamp)` for each row, `fn` called once per distinct stamp (once per run where `runs` is known).
+
+        With runs the column is a few C-level list repeats; without, the
+        stamps are scanned (one `count` where they are all the same).
+        """
+        stamps = self.stamps
+        n = len(stamps)
+        if not n:
+            return []
+        runs = self.runs
+        if runs is not None:
+            if len(runs) == 1:
+                return [fn(stamps[0])] * n
+            made: dict[int, T] = {}
+            column: list[T] = []
+            for stamp, count in runs:
+                if not count:
+                    continue
+                if stamp not in made:
+                    made[stamp] = fn(stamp)
+                column += [made[stamp]] * count
+            return column
+        first = stamps[0]
+        if stamps.count(first) == n:  # one polling group (or several at one instant)
+            return [fn(first)] * n
+        distinct = set(stamps)
+        if len(distinct) == n:  # all distinct (a replay of one tag): no dict
+            return [fn(s) for s in stamps]
+        shown = {s: fn(s) for s in distinct}
+        return list(map(shown.__getitem__, stamps))
+
     def params(self, ts: Callable[[int], object]) -> Iterator[tuple[object, object, object, object]]:
         """(tag, ts(stamp), value, quality) per row, `ts` called once per distinct stamp: a sink's bind rows."""
-        stamps = self.stamps
-        if not stamps:
-            return iter(())
-        distinct = set(stamps)
-        if len(distinct) == 1:  # one polling group (or several at one instant)
-            return zip(self.tags, repeat(ts(stamps[0]), len(stamps)), self.values, self.qualities, strict=True)
-        shown = {s: ts(s) for s in distinct}
-        return zip(self.tags, map(shown.__getitem__, stamps), self.values, self.qualities, strict=True)
+        return zip(self.tags, self.stamp_column(ts), self.values, self.qualities, strict=True)
+
+
+def _cut_runs(runs: Sequence[tuple[int, int]], start: int, stop: int, step: int) -> list[tuple[int, int]] | None:
+    """The runs of rows `start` .. `stop - 1` (None for a stepped slice: no runs kept)."""
+    if step != 1:
+        return None
+    out: list[tuple[int, int]] = []
+    at = 0
+    for stamp, count in runs:
+        lo, hi = max(start, at), min(stop, at + count)
+        if lo < hi:
+            out.append((stamp, hi - lo))
+        at += count
+        if at >= stop:
+            break
+    return out
 
 
 @dataclass(slots=True)
@@ -324,7 +383,7 @@ class PollingData:
             values: list[float | None] = [*map(float, self.values.values())]  # type: ignore[arg-type]
         except (TypeError, ValueError, OverflowError):  # a None among them, or a value that is no number
             values = list(map(_as_float, self.values.items()))
-        return Chunk(tuple(self.values), [ts_us] * n, values, [quality] * n)
+        return Chunk(tuple(self.values), [ts_us] * n, values, [quality] * n, ((ts_us, n),) if n else ())
 
     def __len__(self) -> int:
         return len(self.values)

@@ -81,7 +81,9 @@ def decode_chunk(data: bytes, n: int) -> Chunk:
         if i >= n:
             raise ChunkError(f"null position {i} outside {n} values")
         out_values[i] = None
-    return Chunk(tags, stamps.tolist(), out_values, qualities.tolist())
+    column = stamps.tolist()
+    runs = ((column[0], n),) if n and column.count(column[0]) == n else None  # a polling group: one run
+    return Chunk(tags, column, out_values, qualities.tolist(), runs)
 
 
 def chunk_crc(seq: int, n: int, data: bytes) -> int:

@@ -233,6 +233,40 @@ def test_chunk_params_format_each_distinct_stamp_once() -> None:
     assert len(list(group.params(fmt))) == 50 and len(calls) == 1
 
 
+def _expand(runs: list[tuple[int, int]] | tuple[tuple[int, int], ...]) -> list[int]:
+    return [stamp for stamp, count in runs for _ in range(count)]
+
+
+def test_chunk_runs_follow_joins_and_cuts_and_give_the_stamp_column() -> None:
+    """Groups joined, then cut anywhere (as the buffer's drain does): the runs always expand to the stamps,
+    and `stamp_column` with or without them is each stamp's value, made once per distinct stamp."""
+    rnd = random.Random(17)
+    calls: list[int] = []
+
+    def fmt(ts_us: int) -> str:
+        calls.append(ts_us)
+        return f"ts{ts_us}"
+
+    for _ in range(300):
+        groups = [PollingData("g", 1_700_000_000 + rnd.choice([0, 1, 2, 0.5]),
+                              {f"t{i}": float(i) for i in range(rnd.randint(0, 6))}).chunk()
+                  for _ in range(rnd.randint(1, 6))]
+        joined = Chunk.join(groups)
+        a = rnd.randint(-3, len(joined) + 3)
+        b = rnd.randint(-3, len(joined) + 3)
+        for chunk in (joined, joined[a:b], joined[a:], joined[:b]):
+            assert chunk.runs is not None and _expand(chunk.runs) == list(chunk.stamps)
+            calls.clear()
+            assert chunk.stamp_column(fmt) == [f"ts{s}" for s in chunk.stamps]
+            assert sorted(calls) == sorted(set(chunk.stamps))
+            plain = Chunk(list(chunk.tags), list(chunk.stamps), list(chunk.values), list(chunk.qualities))
+            assert plain.runs is None and plain.stamp_column(fmt) == [f"ts{s}" for s in chunk.stamps]
+    assert joined[::2].runs is None  # a stepped slice keeps no runs
+    zero = Chunk(["a"], [5], [1.0], [192], ((9, 0), (5, 1), (7, 0)))  # empty runs (an empty group's) are skipped
+    assert zero.stamp_column(str) == ["5"]
+    assert Chunk.join([groups[0], Chunk.of(list(groups[0]))]).runs is None  # one part without: unknown
+
+
 def test_pollingdata_chunk_is_its_rows_with_one_timestamp_and_quality() -> None:
     pd = PollingData("g", 1_700_000_000.25, {"a": 1, "b": None, "c": 2.5, "d": True}, 3)
     chunk = pd.chunk()

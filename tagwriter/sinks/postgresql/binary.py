@@ -104,15 +104,15 @@ class Encoder:
         the tag's field, the stamp's field with the quality's, and the value's
         field with the next row's header; joined once.
         """
-        values, stamps, qualities = chunk.values, chunk.stamps, chunk.qualities
+        values, qualities = chunk.values, chunk.qualities
         tail = ([_NULL_NEXT if v is None else _FLOAT_NEXT.pack(8, v, 4) for v in values] if None in values
                 else list(map(_FLOAT_NEXT.pack, repeat(8), values, repeat(4))))
         tags = self._tag_fields(chunk.tags)
         first = qualities[0]
         if qualities.count(first) == len(qualities):
-            pieces = _interleave(tags, self._ts_fields(stamps, self._q_field.pack(self._q_size, first)), tail)
+            pieces = _interleave(tags, self._ts_fields(chunk, self._q_field.pack(self._q_size, first)), tail)
         else:
-            pieces = _interleave(tags, self._ts_fields(stamps), self._quality_fields(qualities), tail)
+            pieces = _interleave(tags, self._ts_fields(chunk), self._quality_fields(qualities), tail)
         # The last row's "next header" becomes the trailer.
         return b"".join([_COPY_HEADER, _ROW_HEAD, *pieces])[:-2] + _COPY_TRAILER
 
@@ -121,7 +121,7 @@ class Encoder:
         n = len(chunk)
         return (
             TextArray(_array_head(n, 0, _TEXT) + b"".join(self._tag_fields(chunk.tags))),
-            TimestamptzArray(_array_head(n, 0, _TIMESTAMPTZ) + b"".join(self._ts_fields(chunk.stamps))),
+            TimestamptzArray(_array_head(n, 0, _TIMESTAMPTZ) + b"".join(self._ts_fields(chunk))),
             self._float_array(chunk.values),
             self._q_array(_array_head(n, 0, self._q_oid) + b"".join(self._quality_fields(chunk.qualities))),
         )
@@ -142,16 +142,10 @@ class Encoder:
         return list(map(cache.__getitem__, tags))
 
     @staticmethod
-    def _ts_fields(stamps: Sequence[int], suffix: bytes = b"") -> Sequence[bytes]:
-        """Each stamp's field (followed by `suffix`), made once per distinct stamp."""
-        first = stamps[0]
-        if stamps.count(first) == len(stamps):
-            return [_TS_FIELD.pack(8, first - PG_EPOCH_US) + suffix] * len(stamps)
-        distinct = set(stamps)
-        if 4 * len(distinct) > len(stamps):  # mostly distinct (a replay of one tag): no dict
-            return [_TS_FIELD.pack(8, s - PG_EPOCH_US) + suffix for s in stamps]
-        field = {s: _TS_FIELD.pack(8, s - PG_EPOCH_US) + suffix for s in distinct}
-        return list(map(field.__getitem__, stamps))
+    def _ts_fields(chunk: Chunk, suffix: bytes = b"") -> Sequence[bytes]:
+        """Each row's stamp field (followed by `suffix`), made once per distinct stamp."""
+        pack = _TS_FIELD.pack
+        return chunk.stamp_column(lambda s: pack(8, s - PG_EPOCH_US) + suffix)
 
     def _quality_fields(self, qualities: Sequence[int]) -> Sequence[bytes]:
         pack = self._q_field.pack
