@@ -31,7 +31,7 @@ from tagwriter.diskqueue import DiskQueue, QueueError
 from tagwriter.errors import ConfigError, FatalError, LoginRefusedError, PipelineStopped, SpoolError, SpoolFullError
 from tagwriter.intake import BadInput, Stoppable
 from tagwriter.metrics import LatencyHistogram, Metrics, MetricsSnapshot, WriterState
-from tagwriter.models import Chunk, PollingData, TagValue, check_tag_names, checked_rows
+from tagwriter.models import Chunk, PollingData, TagValue, checked_rows, known_tag_names
 from tagwriter.recovery import SpoolDrain
 from tagwriter.settle import SETTLED, Receipt
 from tagwriter.sinks import Sink, create_sink
@@ -293,7 +293,8 @@ class Pipeline:
     def _rows_of(data: PollingData | Iterable[TagValue]) -> Chunk:
         if isinstance(data, PollingData):
             chunk = data.chunk()
-            check_tag_names(chunk.tags)
+            # checked once per distinct list of names, and every poll of a group then shares one tuple of them
+            chunk.tags = known_tag_names(chunk.tags)
             return chunk
         # Every field, not just the tag: a value no driver or spool line can take would kill the writer.
         return Chunk.of(checked_rows(data if isinstance(data, (list, Chunk)) else list(data)))
