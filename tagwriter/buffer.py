@@ -32,6 +32,11 @@ from tagwriter.settle import Settlement
 
 log = logging.getLogger(__name__)
 
+#: The shortest flush interval for which a writer waiting on an empty buffer looks again after that interval
+#: rather than asking to be woken by the first put (`RingBuffer.wait_ready`): shorter ones would wake it
+#: often while nothing comes.
+EMPTY_LOOK_MIN = 0.5
+
 
 class OverflowPolicy(StrEnum):
     DROP_OLDEST = "drop-oldest"
@@ -156,6 +161,7 @@ class RingBuffer:
         # costs a Python call even then): the writer (and the batch size that ends its wait), room waiters.
         self._writer_waits = False
         self._due_size = 1
+        self._wake_on_first = True  # the waiting writer wants the first put into an empty buffer (see wait_ready)
         self._room_waiters = 0
         self._wake = False
         self._closed = False
@@ -262,7 +268,7 @@ class RingBuffer:
     def _wake_writer(self, added: int) -> None:
         """After `added` rows went in (under the mutex): wake a waiting writer if its batch just became due
         by size, or the buffer was empty (it then waits without a deadline)."""
-        if self._writer_waits and (self._len >= self._due_size or self._len == added):
+        if self._writer_waits and (self._len >= self._due_size or (self._wake_on_first and self._len == added)):
             self._not_empty.notify()
 
     def _wait_room(self, timeout: float) -> None:
@@ -356,6 +362,12 @@ class RingBuffer:
         """Block until a batch is due (see `batch_due`), `wake()` is called, or `timeout` passes.
 
         Returns the number of pending rows.
+
+        On an empty buffer the writer looks again after `max_age` (when that
+        is at least EMPTY_LOOK_MIN) instead of being woken by the first put: a
+        row that came meanwhile is due `max_age` after its own submit, which
+        the next look honours, and a steady stream costs one wake-up a batch
+        instead of two (each costs ~0.1-0.4 ms of CPU on our VMs).
         """
         clock = self._clock
         deadline = clock.monotonic() + timeout
@@ -365,7 +377,11 @@ class RingBuffer:
                     self._wake = False
                     return self._len
                 now = clock.monotonic()
-                wait = min(self._due_in(batch_size, max_age, now), deadline - now)
+                due = self._due_in(batch_size, max_age, now)
+                self._wake_on_first = due == math.inf and max_age < EMPTY_LOOK_MIN
+                if due == math.inf and not self._wake_on_first:
+                    due = max_age
+                wait = min(due, deadline - now)
                 if wait <= 0.0:
                     return self._len
                 self._writer_waits, self._due_size = True, batch_size
