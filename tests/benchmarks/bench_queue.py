@@ -40,7 +40,7 @@ table afterwards: a lost or duplicated value fails the run, not the figure.
 3. CPU at plant load: the load test's plant preset (10 groups x 100 tags
    every second = 1,000 values/s, `tagwriter.loadtest.run_trial`, a paced
    SimulatedSource through `Service`), 1 s warm-up, then process CPU time
-   (time.process_time: every thread, simulator and 10 snapshots/s of the
+   (time.process_time: every thread, simulator and 4 buffer samples/s of the
    load test's sampler included, as `load-test` reports it) per 1,000
    values committed. Target (issue 17): <= 8 ms.
 4. Profile: one more max-rate round in disk mode (groups of 1,000 unless
