@@ -44,7 +44,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -505,12 +505,15 @@ class DiskQueue:
         records = []
         cursors: dict[str, str] = {}
         group: list[_Pending] = []  # submits of this commit joined into one record, up to RECORD_VALUES
+        in_group = 0  # values in `group`
         for p in pending:
             if p.rows:
-                if group and sum(len(g.rows) for g in group) + len(p.rows) > RECORD_VALUES:
+                n = len(p.rows)
+                if group and in_group + n > RECORD_VALUES:
                     records.append(_record(group))
-                    group = []
+                    group, in_group = [], 0
                 group.append(p)
+                in_group += n
             if p.cursor is not None:
                 cursors[p.cursor[0]] = p.cursor[1]
         if group:
@@ -713,7 +716,7 @@ class DiskQueue:
                 room = self._readahead - len(self._ring)
                 if start is None or room <= 0:
                     return
-                wanted = list(itertools.islice((c for c in self._chunks if c.seq + c.n > start), READ_CHUNKS))
+                wanted = _fitting((c for c in self._chunks if c.seq + c.n > start), room)
                 empty = not len(self._ring)
             if not wanted:
                 with self._lock:
@@ -860,6 +863,19 @@ def _write_durably(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _fitting(chunks: Iterable[_Chunk], room: int) -> list[_Chunk]:
+    """The first records of `chunks` that fit in `room` values (at least one), READ_CHUNKS at most: what one
+    read fetches (a record the ring has no room for would be read, and read again by the next fill)."""
+    out: list[_Chunk] = []
+    taken = 0
+    for chunk in chunks:
+        if out and (taken + chunk.n > room or len(out) >= READ_CHUNKS):
+            break
+        out.append(chunk)
+        taken += chunk.n
+    return out
 
 
 def _record(group: list[_Pending]) -> tuple[int, int, float, int, bytes]:
