@@ -10,7 +10,7 @@ import pytest
 
 from tagwriter.checks import KEY_HINT
 from tagwriter.errors import FatalError
-from tagwriter.models import TagValue, format_ts
+from tagwriter.models import Chunk, TagValue, format_ts
 from tagwriter.sinks.sqlite import SqliteSink
 
 ROW = TagValue("t", 1_714_564_800_000_000, 1.0, 192)
@@ -52,20 +52,24 @@ def _stored(db: Path) -> list[tuple[object, ...]]:
         return conn.execute("SELECT tag_name, ts, value, quality FROM tag_values ORDER BY ts, tag_name").fetchall()
 
 
+@pytest.mark.parametrize("as_chunk", [False, True], ids=["rows", "chunk"])
 @pytest.mark.parametrize("size", [1, 7, 63, 64, 99, 100, 101, 127, 199, 200, 257, 499, 500, 501, 1234])
-def test_a_batch_of_any_size_lands_whole_across_its_multi_row_statements(tmp_path: Path, size: int) -> None:
+def test_a_batch_of_any_size_lands_whole_across_its_multi_row_statements(
+    tmp_path: Path, size: int, as_chunk: bool,
+) -> None:
     """write_batch splits a batch into INSERTs of 100 rows and powers of two: every row lands once, each
-    exactly, with rows already stored and repeats inside the batch counted as duplicates, not written."""
+    exactly, with rows already stored and repeats inside the batch counted as duplicates, not written;
+    from a list of rows (replay) as from a Chunk (the writer's, its columns laid into the parameters)."""
     db = tmp_path / "tags.db"
     sink = SqliteSink(db)
     base = 1_714_564_800_000_000
     rows = [TagValue(f"g{i % 7}.t{i}", base + (i // 50) * 1_000_000, i * 0.5 if i % 11 else None, 192 + i % 3)
             for i in range(size)]
     old = rows[::5]  # stored before: duplicates in the batch
-    assert sink.write_batch(old).written == len(old)
+    assert sink.write_batch(Chunk.of(old) if as_chunk else old).written == len(old)
     repeats = rows[:3]  # and repeats inside it
     batch = rows + repeats
-    result = sink.write_batch(batch)
+    result = sink.write_batch(Chunk.of(batch) if as_chunk else batch)
     assert (result.written, result.duplicates, result.rejected) == (size - len(old), len(old) + len(repeats), [])
     expected = sorted(((r.tag, format_ts(r.ts_us), r.value, r.quality) for r in rows), key=lambda r: (r[1], r[0]))
     assert _stored(db) == expected

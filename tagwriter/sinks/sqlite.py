@@ -152,7 +152,7 @@ class SqliteSink:
         self.open()
         conn = self._conn
         assert conn is not None
-        flat = list(chain.from_iterable(_params(rows)))
+        flat = _flat(rows)
         try:
             conn.execute("BEGIN")
             before = conn.total_changes
@@ -344,6 +344,19 @@ def _pieces(n: int) -> list[int]:
             rest -= k
         k //= 2
     return out
+
+
+def _flat(rows: Sequence[TagValue]) -> list[object]:
+    """The bind parameters of `rows`, row after row, in one list (what the multi-row INSERTs take): a Chunk's
+    columns laid in by four slice assignments, no tuple per row (half the time of flattening `params`)."""
+    if not isinstance(rows, Chunk):
+        return list(chain.from_iterable(_params(rows)))
+    flat: list[object] = [None] * (4 * len(rows))
+    flat[0::4] = rows.tags
+    flat[1::4] = rows.stamp_column(format_ts)
+    flat[2::4] = rows.values
+    flat[3::4] = rows.qualities
+    return flat
 
 
 def _params(rows: Sequence[TagValue]) -> Iterable[tuple[object, ...]]:
