@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 PRESETS: dict[str, tuple[int, int, float]] = {"plant": (10, 100, 1.0)}
 #: Seconds between buffer-utilization samples; each wake-up costs ~0.15 ms of the CPU a trial counts.
 SAMPLE_INTERVAL = 0.25
-STOP_CHECK = 0.5  # seconds a trial waits at most before it looks at its stop event
 KEEP_UP_RATIO = 0.95  # a rate is *sustained* (for --rate max) only if this share of it was written
 #: Values/s the unthrottled probe offers: far beyond any database, so the simulator submits as fast as it
 #: can and the pipeline's own throughput is what gets measured.
@@ -250,13 +249,21 @@ def peak_memory_bytes() -> int | None:
 
 class _Sampler:
     """Samples the buffer utilization (`pipeline.buffer_fill()`) every SAMPLE_INTERVAL seconds;
-    sets `over` once a sample is above `give_up_pct` (None: never) after GIVE_UP_AFTER seconds."""
+    sets `over` once a sample is above `give_up_pct` (None: never) after GIVE_UP_AFTER seconds.
 
-    def __init__(self, pipeline: Pipeline, give_up_pct: float | None = None) -> None:
+    It also looks at `watch` (the trial's stop event) at each sample, and sets `ended` when that is
+    set or `over` is: the trial waits on `ended` alone, with no wake-ups of its own.
+    """
+
+    def __init__(
+        self, pipeline: Pipeline, give_up_pct: float | None = None, watch: threading.Event | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.give_up_pct = give_up_pct
+        self.watch = watch
         self.stop = threading.Event()
         self.over = threading.Event()
+        self.ended = threading.Event()
         self.samples: list[float] = []
         self._thread = threading.Thread(target=self._run, name="tagwriter-loadtest-sampler", daemon=True)
 
@@ -271,6 +278,8 @@ class _Sampler:
             self.samples.append(pct)
             if self.give_up_pct is not None and pct > self.give_up_pct and time.monotonic() >= give_up_from:
                 self.over.set()
+            if self.over.is_set() or (self.watch is not None and self.watch.is_set()):
+                self.ended.set()
             if self.stop.wait(SAMPLE_INTERVAL):
                 return
 
@@ -298,7 +307,7 @@ def run_trial(
     sim = Simulator(shape.groups, shape.tags_per_group, shape.interval, seed=seed)
     service = Service(config, SimulatedSource(sim, duration=warmup + duration + 1.0), sink=sink)
     pipeline = service.pipeline
-    sampler = _Sampler(pipeline, give_up_pct)
+    sampler = _Sampler(pipeline, give_up_pct, stop)
     service.start()
     try:
         t0 = time.monotonic()
@@ -308,8 +317,10 @@ def run_trial(
         cpu0, t_start = time.process_time(), time.monotonic()
         sampler.start()
         end = t0 + warmup + duration
-        while not (stop.is_set() or sampler.over.is_set()) and (left := end - time.monotonic()) > 0:
-            sampler.over.wait(min(left, STOP_CHECK))  # (a wake-up costs CPU the trial measures: few of them)
+        # One wait to the end: `stop` and a give-up reach it through the sampler (each wake-up costs CPU the
+        # trial measures).
+        while not (stop.is_set() or sampler.ended.is_set()) and (left := end - time.monotonic()) > 0:
+            sampler.ended.wait(left)
         after = pipeline.snapshot()
         hist1 = pipeline.latency_histogram()
         cpu1, t_end = time.process_time(), time.monotonic()
