@@ -169,9 +169,14 @@ class MqttConnection:
             log.exception("%s: a connection hook failed", self.name)
 
     def _handle_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        granted = []
         for topic, code in zip(self.topics, reasons, strict=False):
             if code.is_failure:
                 self._note(f"the broker refused the subscription to {topic!r}: {code}", logging.ERROR)
+            else:
+                granted.append(topic)
+        if granted:  # (logged, not the status detail, which keeps saying how the session came up)
+            log.info("%s: subscribed to %s", self.name, ", ".join(map(repr, granted)))
 
     def _handle_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         """Hand the message to `run`'s thread; the queue is bounded by `receive_maximum` (the broker's window)."""
