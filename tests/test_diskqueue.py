@@ -695,6 +695,10 @@ def test_a_full_disk_through_a_pipeline_spills_counted_and_writes_everything_onc
     sink = MemorySink()
     with Pipeline(config, sink=sink) as p:
         p.submit(values(100)).wait(10)
+        # Written and its release persisted first: else that small commit may be the one the full disk fails,
+        # and the 3,000 below would find the alert already up and be spilled too.
+        assert p.flush(10)
+        wait_until(lambda: on_disk(small_disk / "queue")[0] == 0, "the first values' release on disk")
         filler = fill_disk(small_disk)
         held = p.submit(values(3000, 100))  # pending in memory: the commit fails
         wait_until(lambda: p.snapshot().queue_disk_full, "the disk-full alert")
