@@ -722,7 +722,7 @@ class DiskQueue:
                 with self._lock:
                     self._disk_from = None
                 return
-            loaded, after = self._read(wanted, start, room, may_skip=empty)
+            loaded, after = self._read(wanted, start, may_skip=empty)
             with self._lock:
                 if self._disk_from != start:
                     return
@@ -736,20 +736,17 @@ class DiskQueue:
                     return
 
     def _read(
-        self, wanted: list[_Chunk], start: int, room: int, *, may_skip: bool,
+        self, wanted: list[_Chunk], start: int, *, may_skip: bool,
     ) -> tuple[list[tuple[Chunk, float]], int]:
-        """Decode records from `start` on, up to `room` values (at least one record); returns them and where the
-        next read starts. Positions no record gives (a record that cannot be trusted: settled and counted; or
-        released ahead of the watermark: settled) end the read; they are passed over (returned alone) when
-        `may_skip` and nothing precedes them. A read that fails (not a bad record: a lock, a closed file) ends
-        the read too; what it missed stays queued for the next."""
+        """Decode the records `wanted` (`_fitting` chose them to fit the ring's room) from `start` on; returns
+        them and where the next read starts. Positions no record gives (a record that cannot be trusted: settled
+        and counted; or released ahead of the watermark: settled) end the read; they are passed over (returned
+        alone) when `may_skip` and nothing precedes them. A read that fails (not a bad record: a lock, a closed
+        file) ends the read too; what it missed stays queued for the next."""
         out: list[tuple[Chunk, float]] = []
-        taken = 0
         now_mono, now_wall = self._clock.monotonic(), self._clock.time()
         fetched = self._fetch(wanted)
         for chunk in wanted:
-            if out and taken + chunk.n > room:
-                break
             if chunk.seq > start:  # released by the last run ahead of its watermark: those records were deleted
                 if out or not may_skip:
                     break
@@ -766,7 +763,6 @@ class DiskQueue:
                 self._read_failed(exc)
                 break
             out.append((rows[start - chunk.seq:], now_mono - max(0.0, now_wall - t_wall)))
-            taken += chunk.seq + chunk.n - start
             start = chunk.seq + chunk.n
         return out, start
 
