@@ -302,11 +302,11 @@ class Chunk(Sequence[TagValue]):
             made: dict[int, T] = {}
             column: list[T] = []
             for stamp, count in runs:
-                if not count:
-                    continue
-                if stamp not in made:
-                    made[stamp] = fn(stamp)
-                column += [made[stamp]] * count
+                if stamp in made:
+                    shown = made[stamp]
+                else:
+                    shown = made[stamp] = fn(stamp)
+                column += [shown] * count
             return column
         first = stamps[0]
         if stamps.count(first) == n:  # one polling group (or several at one instant)
@@ -314,8 +314,8 @@ class Chunk(Sequence[TagValue]):
         distinct = set(stamps)
         if len(distinct) == n:  # all distinct (a replay of one tag): no dict
             return [fn(s) for s in stamps]
-        shown = {s: fn(s) for s in distinct}
-        return list(map(shown.__getitem__, stamps))
+        by_stamp = {s: fn(s) for s in distinct}
+        return list(map(by_stamp.__getitem__, stamps))
 
     def params(self, ts: Callable[[int], object]) -> Iterator[tuple[object, object, object, object]]:
         """(tag, ts(stamp), value, quality) per row, `ts` called once per distinct stamp: a sink's bind rows."""

@@ -269,6 +269,25 @@ def test_pool_exhaustion_raises_dpy_4005_after_the_wait_timeout() -> None:
     assert sink.write_batch(rows(1)).written == 1
 
 
+def test_a_release_hands_the_connection_to_a_waiting_caller_at_once() -> None:
+    """A write that waits for the only connection gets it when it is released, not at its wait timeout."""
+    sink, _, _ = make_sink(pool_max=1, pool_wait_timeout=20.0)
+    pool = sink._get_pool()
+    held = pool.acquire()
+    outcome: list[object] = []
+    writer = threading.Thread(target=lambda: outcome.append(sink.write_batch(rows(1))))
+    writer.start()
+    wait_until(lambda: pool._waiting == 1, "the write to wait for a connection", 5.0)
+    released = time.monotonic()
+    pool.release(held)
+    writer.join(20.0 + 5.0)
+    waited = time.monotonic() - released
+    assert [getattr(r, "written", r) for r in outcome] == [1]
+    assert waited < 5.0, f"the waiting write got the connection {waited:.1f} s after its release"
+    assert pool._waiting == 0
+    sink.close()
+
+
 def test_hanging_connects_are_bounded_and_capped_at_pool_max() -> None:
     sink, server, _ = make_sink(pool_max=2, connect_timeout=0.2, pool_wait_timeout=0.2)
     server.hang_connects()

@@ -16,7 +16,7 @@ _EPOCH = datetime(1970, 1, 1)
 
 def naive_utc(ts_us: int) -> datetime:
     """Naive UTC datetime (the driver ignores tzinfo) with microseconds."""
-    return _EPOCH + timedelta(microseconds=ts_us)
+    return _EPOCH + timedelta(0, 0, ts_us)  # (days, seconds, microseconds): positional is faster
 
 
 def to_us(ts: datetime) -> int:

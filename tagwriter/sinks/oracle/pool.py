@@ -91,6 +91,7 @@ class ConnectionPool:
         self._idle: list[tuple[Any, float]] = []
         self._busy = 0
         self._pending = 0
+        self._waiting = 0  # callers in _take's wait for a release (guarded by _cond)
         self._closed = False
 
     @property
@@ -138,7 +139,11 @@ class ConnectionPool:
                 remaining = deadline - self._clock()
                 if remaining <= 0.0:
                     raise self._exhausted()
-                self._cond.wait(remaining)
+                self._waiting += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiting -= 1
 
     def _exhausted(self) -> TransientError:
         if self._pending and not self._busy:
@@ -226,15 +231,16 @@ class ConnectionPool:
     def release(self, conn: Any, *, discard: bool = False) -> None:
         """Give a connection back; `discard` (or a dead connection) closes it instead."""
         if not discard:
-            healthy = getattr(conn, "is_healthy", None)
+            # no is_healthy (a bare DB-API connection), or it failed: kept, and the next use tells
             with contextlib.suppress(Exception):
-                discard = callable(healthy) and not healthy()
+                discard = not conn.is_healthy()
         with self._cond:
             self._busy = max(0, self._busy - 1)
             keep = not discard and not self._closed
             if keep:
                 self._idle.append((conn, self._clock()))
-            self._cond.notify_all()
+            if self._waiting:  # the writer's release after each batch mostly finds nobody waiting
+                self._cond.notify_all()
         if not keep:
             close_in_background([conn])
 

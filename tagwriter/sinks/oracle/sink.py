@@ -115,6 +115,9 @@ class OracleSink:
             f'INSERT INTO "{self.table}" ("{c_tag}", "{c_ts}", "{c_val}", "{c_q}") VALUES (:1, :2, :3, :4)'
         )
         self._check = f'SELECT 1 FROM "{self.table}" WHERE 1 = 0'
+        self._write_what = f"write to {self.table}"
+        #: the bind types of `_insert`: a bare datetime would bind as DATE (no fractional seconds)
+        self._sizes = (None, self.driver.DB_TYPE_TIMESTAMP, self.driver.DB_TYPE_BINARY_DOUBLE, None)
 
     @classmethod
     def from_config(cls, config: DatabaseConfig, *, driver: Any = None) -> OracleSink:
@@ -197,7 +200,7 @@ class OracleSink:
         connection by `pool_wait_timeout`, a connect by `connect_timeout` (on
         the sink's worker thread, since the driver cannot bound it).
         """
-        pool = self._get_pool()
+        pool = self._pool or self._get_pool()  # (the lock only to make the pool)
         try:
             conn = pool.acquire()
         except Exception as exc:  # never let a driver error escape
@@ -244,16 +247,21 @@ class OracleSink:
             return WriteResult(0)
         if self.insert_mode == "direct_path":
             chunk = Chunk.of(rows)
-            return self._with_connection(f"write to {self.table}", lambda c: self._direct_path(c, chunk))
-        return self._with_connection(f"write to {self.table}", lambda c: self._insert_rows(c, rows))
+            return self._with_connection(self._write_what, lambda c: self._direct_path(c, chunk))
+        return self._with_connection(self._write_what, lambda c: self._insert_rows(c, rows))
 
     def _insert_rows(self, conn: Any, rows: Sequence[TagValue]) -> WriteResult:
         """executemany with batch errors, then commit; row errors map back by offset."""
-        d = self.driver
-        with contextlib.closing(conn.cursor()) as cur:
-            cur.setinputsizes(None, d.DB_TYPE_TIMESTAMP, d.DB_TYPE_BINARY_DOUBLE, None)
+        cur = conn.cursor()
+        try:
+            cur.setinputsizes(*self._sizes)
             cur.executemany(self._insert, bind_rows(rows), batcherrors=True)
             errors = cur.getbatcherrors()
+        finally:
+            cur.close()
+        if not errors:
+            conn.commit()
+            return WriteResult(len(rows))
         duplicates = 0
         rejected: list[RowError] = []
         for err in errors:
@@ -461,7 +469,7 @@ class OracleSink:
         def insert(conn: Any) -> None:
             row = TagValue(PROBE_TAG, round(time.time() * 1_000_000), 0.0, 0)
             with contextlib.closing(conn.cursor()) as cur:
-                cur.setinputsizes(None, self.driver.DB_TYPE_TIMESTAMP, self.driver.DB_TYPE_BINARY_DOUBLE, None)
+                cur.setinputsizes(*self._sizes)
                 try:
                     cur.execute(self._insert, bind_rows([row])[0])
                 finally:
