@@ -61,7 +61,7 @@ from oracle_fake import NoopDriver
 
 import tagwriter
 from tagwriter.config import BackupConfig, BufferConfig, Config, DatabaseConfig, WriterConfig, validate
-from tagwriter.models import Chunk, PollingData, TagValue
+from tagwriter.models import PollingData, TagValue
 from tagwriter.pipeline import Pipeline
 from tagwriter.sinks.base import Sink, WriteResult
 from tagwriter.sinks.oracle import OracleSink
@@ -110,11 +110,13 @@ class BindsSink(NullSink):
         self.last: list[tuple[object, ...]] = []
 
     def write_batch(self, rows: Sequence[TagValue]) -> WriteResult:
-        if isinstance(rows, Chunk) and rows.runs is not None:
+        # a Chunk, with its runs (not imported by name: this script also runs on checkouts without Chunk)
+        chunk: Any = rows
+        if getattr(chunk, "runs", None) is not None:
             stamps: list[datetime] = []
-            for stamp, count in rows.runs:
+            for stamp, count in chunk.runs:
                 stamps += [EPOCH + timedelta(microseconds=stamp)] * count
-            self.last = list(zip(rows.tags, stamps, rows.values, rows.qualities, strict=True))
+            self.last = list(zip(chunk.tags, stamps, chunk.values, chunk.qualities, strict=True))
         else:  # not what the pipeline hands over here; kept correct for any sequence of rows
             self.last = [(r.tag, EPOCH + timedelta(microseconds=r.ts_us), r.value, r.quality) for r in rows]
         self.rows += len(rows)
