@@ -74,6 +74,9 @@ def test_a_passing_run_writes_into_the_given_database_and_reports_its_metrics(tm
     assert report["environment"]["database_version"].startswith("SQLite ")
     assert report["environment"]["cpu_count"] == os.cpu_count()
     assert r["memory"]["method"].startswith("ru_maxrss") and r["memory"]["peak_bytes"] > 0
+    # the sampler woke at least once in the window, and its CPU is a part of the process's
+    assert r["buffer"]["samples"] >= 1 and 0 < r["cpu"]["sampler_seconds"] <= r["cpu"]["seconds"]
+    assert "the load test's own buffer sampler" in result.output
     assert report["violations"] == [] and report["problems"] == []
     assert "┃" not in result.output  # not a terminal: plain text, no Rich table
 
